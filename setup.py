@@ -1,0 +1,41 @@
+"""Install entry for difflax: ``pip install -e .[dev]``."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="difflax",
+    version="0.1.0",
+    description="A JAX toolkit for diffusion and flow models: processes, samplers, guidance, distillation, models.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=["difflax", "difflax.*"]),
+    install_requires=[
+        "jax>=0.4.35",
+        "chex>=0.1.87",
+        "diffrax>=0.6.0",
+        "flax>=0.10.0",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.10.0",
+        "ml-collections>=1.0.0",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "scikit-learn>=1.4",
+        "matplotlib>=3.8",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8.0",
+            "pytest-xdist>=3.5",
+            "hypothesis>=6.100",
+            "scipy>=1.11",
+            "ruff>=0.6",
+        ],
+        "tfds": ["tensorflow-datasets>=4.9.7", "grain>=0.2.2"],
+        # CPU torch must be installed first (pip install torch==2.13.0) so that this
+        # extra does not pull a CUDA build.
+        "bench": ["torch", "diffusers>=0.30", "scipy>=1.11"],
+    },
+)
