@@ -6,9 +6,10 @@ shards, and composes with any model through the denoiser contract
 ``denoise(x_t, t) -> x0_hat``.
 """
 
-from difflax import analytic, parametrization, processes
+from difflax import analytic, parametrization, processes, solvers
 from difflax.parametrization import Denoiser, as_denoiser, convert, denoiser_to
 from difflax.processes import EDM, VE, VP, DiscreteVP, Flow, SubVP
+from difflax.solvers import make_grid, sample
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,9 @@ __all__ = [
     "convert",
     "denoiser_to",
     "losses",
+    "make_grid",
     "parametrization",
     "processes",
+    "sample",
+    "solvers",
 ]

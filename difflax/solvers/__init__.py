@@ -1,0 +1,111 @@
+"""Samplers: every solver as pure ``init`` / ``step`` functions, driven by one ``lax.scan``.
+
+>>> x0, info = difflax.sample(denoise, process, x_T, solver="dpmpp_2m", steps=10, grid="logsnr")
+
+Solvers are immutable configs; :data:`SOLVERS` maps names to them and
+:func:`get_solver` builds one from a name and keyword arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+
+from difflax.solvers import grids
+from difflax.solvers.ancestral import DDIM, DDPM
+from difflax.solvers.base import SolverState, run
+from difflax.solvers.grids import GRIDS, check_grid, make_grid
+from difflax.solvers.ode import EDMStochastic, Euler, Heun
+
+SOLVERS: dict[str, Callable] = {
+    "ddpm": DDPM,
+    "ddim": DDIM,
+    "euler": Euler,
+    "heun": Heun,
+    "edm": EDMStochastic,
+}
+
+# Grid each solver uses when none is given.
+DEFAULT_GRIDS = {"ddpm": "uniform", "ddim": "uniform", "euler": "karras", "heun": "karras", "edm": "karras"}
+
+__all__ = [
+    "DDIM",
+    "DDPM",
+    "GRIDS",
+    "SOLVERS",
+    "EDMStochastic",
+    "Euler",
+    "Heun",
+    "SolverState",
+    "get_solver",
+    "grids",
+    "make_grid",
+    "sample",
+]
+
+
+def get_solver(name: str, **kwargs):
+    """Build the solver ``name`` with its hyper-parameters ``kwargs``."""
+    if name not in SOLVERS:
+        raise ValueError(f"Unknown solver {name!r}; expected one of {', '.join(map(repr, sorted(SOLVERS)))}.")
+    try:
+        return SOLVERS[name](**kwargs)
+    except TypeError as err:
+        raise TypeError(f"solver {name!r}: {err}") from None
+
+
+def sample(
+    denoise: Callable,
+    process,
+    x_T: jax.Array,
+    solver="dpmpp_2m",
+    steps: int = 10,
+    grid=None,
+    key: jax.Array | None = None,
+    return_trajectory: bool = False,
+    final_zero: bool | None = None,
+    **solver_args,
+):
+    """Draw samples by integrating from ``x_T`` at ``t_max`` down to the data.
+
+    Args:
+      denoise: the denoiser ``denoise(x_t, t) -> x0_hat``; ``t`` is passed as ``(batch,)``.
+      process: the forward process the denoiser belongs to.
+      x_T: the starting noise, e.g. ``process.prior_sample(key, shape)``.
+      solver: a name from :data:`SOLVERS` or a solver object.
+      steps: number of steps (static), including the final denoising step.
+      grid: a grid name from :data:`GRIDS` (default: the solver's) or an array of
+        decreasing times; an array ending in an exact 0 finishes with the denoising step.
+      key: PRNG key; required by stochastic solvers.
+      return_trajectory: also return every intermediate ``x`` in ``info["trajectory"]``.
+      final_zero: end with the denoising step ``D(x, t_min)`` (default ``True`` for named
+        grids; for a traced array grid it must be given).
+      **solver_args: hyper-parameters of the solver (``eta``, ``s_churn``, ...), traced.
+
+    Returns:
+      ``(x0, info)`` with ``info["nfe"]`` the number of denoiser evaluations made.
+    """
+    if isinstance(solver, str):
+        name = solver
+        solver = get_solver(solver, **solver_args)
+    else:
+        name = type(solver).__name__.lower()
+        if solver_args:
+            raise ValueError("pass solver hyper-parameters either in the solver object or as keywords, not both.")
+    if grid is None:
+        grid = DEFAULT_GRIDS.get(name, "logsnr")
+    if isinstance(grid, str):
+        ts = make_grid(grid, process, steps, final_zero=True if final_zero is None else final_zero)
+        final_zero = True if final_zero is None else final_zero
+    else:
+        ts, ends_in_zero = check_grid(grid, process)
+        if final_zero is None:
+            if ends_in_zero is None:
+                raise ValueError("grid is a traced array: pass final_zero=True or False.")
+            final_zero = ends_in_zero
+    if solver.stochastic and key is None:
+        raise ValueError(f"solver {name!r} is stochastic with these settings; pass key=jax.random.key(...).")
+    if hasattr(solver, "solve"):  # adaptive solvers do their own stepping
+        return solver.solve(denoise, process, x_T, ts, final_zero=final_zero, key=key)
+    return run(solver, denoise, process, x_T, ts, final_zero=final_zero, key=key, return_trajectory=return_trajectory)
