@@ -45,6 +45,7 @@ __all__ = [
     "convert",
     "denoiser_to",
     "edm_preconditioning",
+    "from_pair",
     "from_x0",
     "preconditioning",
     "to_x0",
@@ -83,7 +84,8 @@ def _to_pair(pred, prediction, x_t, alpha, sigma, d_alpha, d_sigma):
     return (d_sigma * x_t - sigma * pred) / det, (alpha * pred - d_alpha * x_t) / det
 
 
-def _from_pair(x0, eps, prediction, alpha, sigma, d_alpha, d_sigma):
+def from_pair(x0, eps, prediction, alpha, sigma, d_alpha=None, d_sigma=None):
+    """The ``prediction`` target of a known pair ``(x0, eps)``, with no division by ``sigma`` or ``alpha``."""
     if prediction == "eps":
         return eps
     if prediction == "x0":
@@ -108,7 +110,7 @@ def convert(pred, source: str, target: str, x_t, alpha, sigma, d_alpha=None, d_s
     if source == target:
         return pred
     x0, eps = _to_pair(pred, source, x_t, alpha, sigma, d_alpha, d_sigma)
-    return _from_pair(x0, eps, target, alpha, sigma, d_alpha, d_sigma)
+    return from_pair(x0, eps, target, alpha, sigma, d_alpha, d_sigma)
 
 
 def to_x0(pred, prediction, x_t, alpha, sigma, d_alpha=None, d_sigma=None):

@@ -38,8 +38,10 @@ __all__ = [
     "Flow",
     "Process",
     "SubVP",
+    "PROCESSES",
     "broadcast_to",
     "check_t",
+    "get_process",
 ]
 
 
@@ -424,3 +426,22 @@ class DiscreteVP(Process):
         idx = jnp.clip(jnp.floor(t * n).astype(jnp.int32), 0, n - 1)
         beta = -slopes[idx]
         return -0.5 * beta, jnp.sqrt(beta)
+
+
+PROCESSES = {
+    "vp": VP,
+    "subvp": SubVP,
+    "ve": VE,
+    "edm": EDM,
+    "flow": Flow,
+    "ddpm_linear": DiscreteVP.linear,
+    "ddpm_cosine": DiscreteVP.cosine,
+    "ddpm_scaled_linear": DiscreteVP.scaled_linear,
+}
+
+
+def get_process(name: str, **kwargs) -> Process:
+    """Build a process from its config name (see :data:`PROCESSES`) and keyword arguments."""
+    if name not in PROCESSES:
+        raise ValueError(f"Unknown process {name!r}; expected one of {', '.join(map(repr, PROCESSES))}.")
+    return PROCESSES[name](**kwargs)

@@ -157,3 +157,32 @@ def test_event_shape_and_errors():
         GaussianMixture.isotropic(jnp.zeros((2, 2)), 1.0).denoiser(VP(), y=0)(jnp.ones((1, 2)), 0.5)
     with pytest.raises(ValueError, match="positive semi-definite"):
         GaussianMixture.full(jnp.zeros((1, 2)), -jnp.eye(2)[None])
+
+
+@pytest.mark.parametrize("weighting", ["simple", "edm"])
+def test_exact_denoiser_minimizes_the_denoising_loss(weighting, key, x64):
+    """The analytic denoiser has a lower denoising loss than every perturbation of it (common random numbers)."""
+    from difflax import losses
+
+    rng = np.random.default_rng(7)
+    gm, *_ = _random_full_mixture(rng, d=2, labels=(0, 1, 2))
+    p = EDM()
+    n = 50_000
+    k0, k1, k2 = jax.random.split(key, 3)
+    x0, _ = gm.sample(k0, n)
+    t = losses.sample_t_edm(k1, (n,), p)
+    eps = jax.random.normal(k2, x0.shape, x0.dtype)
+    exact = gm.denoiser(p)
+    other = GaussianMixture.isotropic(gm.means, 1.0)  # wrong covariances
+    perturbed = {
+        "exact": exact,
+        "scaled": lambda x, t: 1.05 * exact(x, t),
+        "shifted": lambda x, t: exact(x, t) + 0.05,
+        "later_time": lambda x, t: exact(x, 1.2 * t),
+        "wrong_mixture": other.denoiser(p),
+    }
+    loss = {
+        name: float(jnp.mean(losses.denoising_loss(f, p, x0, t, eps, prediction="x0", weighting=weighting)))
+        for name, f in perturbed.items()
+    }
+    assert all(loss["exact"] < v for k, v in loss.items() if k != "exact"), loss

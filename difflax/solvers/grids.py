@@ -36,8 +36,8 @@ _LOG_SNR_CLIP = 30.0
 
 
 def _log_snr_range(process):
-    lam_hi = jnp.clip(process.log_snr(jnp.asarray(process.t_min, jnp.float32)), -_LOG_SNR_CLIP, _LOG_SNR_CLIP)
-    lam_lo = jnp.clip(process.log_snr(jnp.asarray(process.t_max, jnp.float32)), -_LOG_SNR_CLIP, _LOG_SNR_CLIP)
+    lam_hi = jnp.clip(process.log_snr(jnp.asarray(process.t_min, jnp.result_type(float))), -_LOG_SNR_CLIP, _LOG_SNR_CLIP)
+    lam_lo = jnp.clip(process.log_snr(jnp.asarray(process.t_max, jnp.result_type(float))), -_LOG_SNR_CLIP, _LOG_SNR_CLIP)
     return lam_lo, lam_hi
 
 

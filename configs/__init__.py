@@ -1,0 +1,1 @@
+"""ml_collections recipes, one file per recipe; each defines ``get_config()``."""
