@@ -32,13 +32,13 @@ Array = jax.Array
 
 __all__ = [
     "EDM",
+    "PROCESSES",
     "VE",
     "VP",
     "DiscreteVP",
     "Flow",
     "Process",
     "SubVP",
-    "PROCESSES",
     "broadcast_to",
     "check_t",
     "get_process",

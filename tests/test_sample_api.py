@@ -154,13 +154,13 @@ def test_errors_name_the_argument(key):
     p = difflax.VP()
     d = GM.denoiser(p)
     x = jnp.zeros((2, 2))
-    with pytest.raises(ValueError, match="Unknown solver 'rk4'.*'ddim'"):
+    with pytest.raises(ValueError, match=r"Unknown solver 'rk4'.*'ddim'"):
         difflax.sample(d, p, x, solver="rk4")
     with pytest.raises(ValueError, match="Unknown grid 'cosine'"):
         difflax.sample(d, p, x, solver="ddim", grid="cosine")
-    with pytest.raises(ValueError, match="stochastic.*key"):
+    with pytest.raises(ValueError, match=r"stochastic.*key"):
         difflax.sample(d, p, x, solver="ddpm")
-    with pytest.raises(ValueError, match="stochastic.*key"):
+    with pytest.raises(ValueError, match=r"stochastic.*key"):
         difflax.sample(d, p, x, solver="ddim", eta=0.5)
     with pytest.raises(ValueError, match="strictly decreasing"):
         difflax.sample(d, p, x, solver="ddim", grid=jnp.array([0.5, 0.9, 0.0]))

@@ -17,6 +17,7 @@ from difflax.solvers.ancestral import DDIM, DDPM
 from difflax.solvers.base import SolverState, run
 from difflax.solvers.grids import GRIDS, check_grid, make_grid
 from difflax.solvers.ode import EDMStochastic, Euler, Heun
+from difflax.solvers.optimize import optimize_grid
 
 SOLVERS: dict[str, Callable] = {
     "ddpm": DDPM,
@@ -41,6 +42,7 @@ __all__ = [
     "get_solver",
     "grids",
     "make_grid",
+    "optimize_grid",
     "sample",
 ]
 

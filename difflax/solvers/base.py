@@ -22,7 +22,17 @@ from flax import struct
 
 Array = jax.Array
 
-__all__ = ["Coefficients", "SolverState", "call", "coefficients", "eps_from_x0", "exp_neg_h", "init_state", "run", "time_vector"]
+__all__ = [
+    "Coefficients",
+    "SolverState",
+    "call",
+    "coefficients",
+    "eps_from_x0",
+    "exp_neg_h",
+    "init_state",
+    "run",
+    "time_vector",
+]
 
 
 @struct.dataclass

@@ -36,8 +36,9 @@ _LOG_SNR_CLIP = 30.0
 
 
 def _log_snr_range(process):
-    lam_hi = jnp.clip(process.log_snr(jnp.asarray(process.t_min, jnp.result_type(float))), -_LOG_SNR_CLIP, _LOG_SNR_CLIP)
-    lam_lo = jnp.clip(process.log_snr(jnp.asarray(process.t_max, jnp.result_type(float))), -_LOG_SNR_CLIP, _LOG_SNR_CLIP)
+    """``(log_snr(t_max), log_snr(t_min))``, clipped to a finite range."""
+    ends = jnp.asarray([process.t_max, process.t_min], jnp.result_type(float))
+    lam_lo, lam_hi = jnp.clip(process.log_snr(ends), -_LOG_SNR_CLIP, _LOG_SNR_CLIP)
     return lam_lo, lam_hi
 
 
