@@ -69,6 +69,7 @@ __all__ = [
     "ddpm_vlb_terms",
     "denoising_loss",
     "discretized_gaussian_log_likelihood",
+    "drop_condition",
     "flow_matching_loss",
     "hybrid_loss",
     "loss_weight",
@@ -268,6 +269,33 @@ def flow_matching_loss(
     and ``weighting="simple"``.
     """
     return denoising_loss(apply_fn, Flow(), x0, t, eps, prediction="velocity", weighting="simple", reduction=reduction)
+
+
+def drop_condition(key: Array, y, p_uncond, null, *, return_mask: bool = False):
+    """Condition dropout for classifier-free guidance training (Ho & Salimans 2021, alg. 1).
+
+    Each example's condition is replaced by the null condition with probability
+    ``p_uncond`` (the paper: 0.1 or 0.2), so one network learns both ``D(x_t, t, y)`` and
+    ``D(x_t, t, null)``. ``y`` is a pytree whose leaves carry the batch axis (labels
+    ``(batch,)``, embeddings ``(batch, ...)``); ``null`` is a null label id or a null
+    embedding, broadcast as in :func:`difflax.guidance.null_like`. ``p_uncond`` may be
+    traced. With ``return_mask`` also returns the boolean ``(batch,)`` mask of dropped examples.
+    """
+    from difflax.guidance import null_like  # guidance builds on the solvers; import lazily
+
+    leaves = jax.tree.leaves(y)
+    if not leaves or any(jnp.ndim(leaf) < 1 for leaf in leaves):
+        raise ValueError("y must be a pytree of arrays with a leading batch axis.")
+    batch = jnp.shape(leaves[0])[0]
+    if any(jnp.shape(leaf)[0] != batch for leaf in leaves):
+        raise ValueError(f"y: every leaf must have the same batch size; got {[jnp.shape(v) for v in leaves]}.")
+    p = _concrete(p_uncond)
+    if p is not None and not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"p_uncond must lie in [0, 1]; got {float(p)}.")
+    drop = jax.random.uniform(key, (batch,)) < p_uncond
+    nulls = null_like(null, y)
+    out = jax.tree.map(lambda a, n: jnp.where(drop.reshape((batch,) + (1,) * (jnp.ndim(a) - 1)), n, a), y, nulls)
+    return (out, drop) if return_mask else out
 
 
 # ----------------------------------------------------------------------------------------------

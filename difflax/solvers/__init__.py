@@ -13,11 +13,17 @@ from collections.abc import Callable
 import jax
 
 from difflax.solvers import grids
+from difflax.solvers.adaptive import Adaptive
 from difflax.solvers.ancestral import DDIM, DDPM
 from difflax.solvers.base import SolverState, run
+from difflax.solvers.deis import DEIS
+from difflax.solvers.dpm import DPMSolver, DPMSolverPP2M, DPMSolverPP2MSDE, DPMSolverPP2S, DPMSolverPP3M
 from difflax.solvers.grids import GRIDS, check_grid, make_grid
 from difflax.solvers.ode import EDMStochastic, Euler, Heun
 from difflax.solvers.optimize import optimize_grid
+from difflax.solvers.scaling import to_edm
+from difflax.solvers.sde import ALD, PC, EulerMaruyama
+from difflax.solvers.unipc import UniPC
 
 SOLVERS: dict[str, Callable] = {
     "ddpm": DDPM,
@@ -25,25 +31,65 @@ SOLVERS: dict[str, Callable] = {
     "euler": Euler,
     "heun": Heun,
     "edm": EDMStochastic,
+    "euler_maruyama": EulerMaruyama,
+    "pc": PC,
+    "ald": ALD,
+    "adaptive": Adaptive,
+    "dpm_solver": DPMSolver,
+    "dpmpp_2s": DPMSolverPP2S,
+    "dpmpp_2m": DPMSolverPP2M,
+    "dpmpp_3m": DPMSolverPP3M,
+    "dpmpp_2m_sde": DPMSolverPP2MSDE,
+    "unipc": UniPC,
+    "deis": DEIS,
 }
 
 # Grid each solver uses when none is given.
-DEFAULT_GRIDS = {"ddpm": "uniform", "ddim": "uniform", "euler": "karras", "heun": "karras", "edm": "karras"}
+DEFAULT_GRIDS = {
+    "ddpm": "uniform",
+    "ddim": "uniform",
+    "euler": "karras",
+    "heun": "karras",
+    "edm": "karras",
+    "euler_maruyama": "uniform",
+    "pc": "uniform",
+    "ald": "uniform",
+    "adaptive": "uniform",  # only the ends are used
+    "dpm_solver": "logsnr",
+    "dpmpp_2s": "logsnr",
+    "dpmpp_2m": "logsnr",
+    "dpmpp_3m": "logsnr",
+    "dpmpp_2m_sde": "karras",
+    "unipc": "logsnr",
+    "deis": "logsnr",
+}
 
 __all__ = [
+    "ALD",
     "DDIM",
     "DDPM",
+    "DEIS",
     "GRIDS",
+    "PC",
     "SOLVERS",
+    "Adaptive",
+    "DPMSolver",
+    "DPMSolverPP2M",
+    "DPMSolverPP2MSDE",
+    "DPMSolverPP2S",
+    "DPMSolverPP3M",
     "EDMStochastic",
     "Euler",
+    "EulerMaruyama",
     "Heun",
     "SolverState",
+    "UniPC",
     "get_solver",
     "grids",
     "make_grid",
     "optimize_grid",
     "sample",
+    "to_edm",
 ]
 
 
@@ -92,7 +138,7 @@ def sample(
         name = solver
         solver = get_solver(solver, **solver_args)
     else:
-        name = type(solver).__name__.lower()
+        name = next((k for k, cls in SOLVERS.items() if cls is type(solver)), type(solver).__name__)
         if solver_args:
             raise ValueError("pass solver hyper-parameters either in the solver object or as keywords, not both.")
     if grid is None:

@@ -1,0 +1,308 @@
+"""Optimized time grids: Optimal Stepsize Distillation by dynamic programming.
+
+:func:`optimize_grid` picks, for one solver and a fixed number of steps, the time grid
+whose sampler trajectory stays closest to the exact probability-flow ODE solution on a
+few calibration draws ``x_T``. It follows "Optimal Stepsize for Diffusion Sampling"
+(Pei et al. 2025, OSS):
+
+1. **Candidates and reference.** ``M`` candidate times ``c_0 = t_max > ... > c_{M-1} =
+   t_min`` (default: uniform in log-SNR) and a reference trajectory ``x*_i`` at every
+   candidate, from a high-accuracy solve of the probability-flow ODE started at the
+   calibration draws (:func:`reference_trajectory`: ``reference_steps`` second-order
+   exponential-integrator substeps, DPM-Solver-2 / DPM-Solver++(2S) with the midpoint
+   in log-SNR, between consecutive candidates).
+2. **Dynamic programming over (steps taken ``k``, candidate ``i``).** Stage 0 holds the
+   solver's initial state at ``c_0``. At stage ``k`` every candidate ``i`` is reached
+   from every earlier candidate ``j < i`` held at stage ``k - 1``, by one step of the
+   *student* solver from the student's own stored state (the full
+   :class:`~difflax.solvers.base.SolverState`, so multistep history such as
+   DPM-Solver++(2M)'s previous prediction is carried along); the cost is
+   ``dp[k][i] = min_j E ||step(state[k-1][j], c_j -> c_i) - x*_i||^2`` over the
+   calibration batch, and the state reached through the minimizing ``j`` is stored at
+   ``(k, i)`` with a back-pointer. The inner minimum over ``j`` is one ``vmap``; the
+   loop over ``i`` is a ``lax.map`` and the loop over ``k`` a ``lax.scan``, all in one
+   ``jit``.
+3. **Backtracking** from ``(K, M - 1)`` gives the path of exactly ``K`` student steps
+   from ``t_max`` to ``t_min``; with ``final_zero`` the grid then gets the final
+   denoising step (an exact ``0``), so ``K = steps - 1``.
+
+The cost is ``O(K M^2)`` solver steps on the calibration batch, the reference
+``O(M * reference_steps)``; for a cheap denoiser, ``M = 64``, ten steps and 8-32 draws
+this takes seconds on a CPU. The result is an ordinary array of ``steps + 1`` times:
+save it with ``np.save`` and pass it back to :func:`difflax.sample` as ``grid=``.
+
+An alternative is Align Your Steps (Sabour et al. 2024), which instead minimizes an
+upper bound on the KL divergence between the discretized and the exact SDE by
+iterative refinement of the grid and transfers across solvers; OSS targets one solver
+and one step count directly, and handles multistep solvers through the stored states.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from difflax.solvers.base import call, coefficients, exp_neg_h, run
+from difflax.solvers.grids import make_grid
+
+__all__ = ["optimize_grid", "reference_trajectory"]
+
+# Log-SNR clip used only to place reference substeps (the flow interpolant has infinite
+# log-SNR at its ends); the ends of every interval keep their exact times.
+_LAMBDA_CLIP = 15.0
+
+
+def _data_step(x, d, s, t):
+    """First-order data-prediction exponential integrator (DDIM) from ``s`` to ``t`` with ``x0 = d``."""
+    return (t.sigma / s.sigma) * x + t.alpha * (1.0 - exp_neg_h(s, t)) * d
+
+
+def _midpoint_step(denoise, process, x, s_time, t_time):
+    """DPM-Solver-2 with the midpoint in log-SNR (second order, 2 evaluations)."""
+    s, t = coefficients(process, s_time), coefficients(process, t_time)
+    lam_s = jnp.clip(s.lam, -_LAMBDA_CLIP, _LAMBDA_CLIP)
+    lam_t = jnp.clip(t.lam, -_LAMBDA_CLIP, _LAMBDA_CLIP)
+    m = coefficients(process, process.t_from_log_snr(lam_s + lam_t))  # log-SNR = 2 lambda
+    u = _data_step(x, call(denoise, x, s_time), s, m)
+    return _data_step(x, call(denoise, u, m.t), s, t)
+
+
+def reference_trajectory(denoise: Callable, process, x_T: jax.Array, times, reference_steps: int = 16) -> jax.Array:
+    """High-accuracy probability-flow ODE solution at every time of the decreasing array ``times``.
+
+    Between consecutive times it takes ``reference_steps`` substeps, uniform in
+    log-SNR, of the second-order DPM-Solver-2 (midpoint in log-SNR, data prediction;
+    Lu et al. 2022). Returns an array of shape ``(len(times), *x_T.shape)`` whose first
+    entry is ``x_T``. All times must be positive.
+    """
+    times = jnp.asarray(times, x_T.dtype)
+    if times.ndim != 1 or times.shape[0] < 1:
+        raise ValueError(f"times must be a 1-D array; got shape {times.shape}.")
+    if not isinstance(reference_steps, (int, np.integer)) or reference_steps < 1:
+        raise ValueError(f"reference_steps must be a positive int; got {reference_steps!r}.")
+    frac = jnp.linspace(0.0, 1.0, reference_steps + 1, dtype=x_T.dtype)
+
+    def interval(x, pair):
+        s, t = pair
+        lam = jnp.clip(0.5 * process.log_snr(jnp.stack([s, t])), -_LAMBDA_CLIP, _LAMBDA_CLIP)
+        sub = process.t_from_log_snr(2.0 * (lam[0] + frac * (lam[1] - lam[0])))
+        sub = sub.at[0].set(s).at[-1].set(t)
+
+        def substep(x, st):
+            return _midpoint_step(denoise, process, x, st[0], st[1]), None
+
+        x, _ = jax.lax.scan(substep, x, (sub[:-1], sub[1:]))
+        return x, x
+
+    _, traj = jax.lax.scan(interval, x_T, (times[:-1], times[1:]))
+    return jnp.concatenate([x_T[None], traj])
+
+
+def _candidate_times(candidates, process, dtype):
+    if isinstance(candidates, (int, np.integer)) and not isinstance(candidates, bool):
+        if candidates < 2:
+            raise ValueError(f"candidates must be at least 2; got {candidates}.")
+        return make_grid("logsnr", process, int(candidates) - 1, final_zero=False).astype(dtype)
+    cand = np.asarray(candidates, dtype=np.float64)
+    if cand.ndim != 1 or cand.size < 2:
+        raise ValueError(f"candidates must be an int or a 1-D array of at least 2 times; got shape {cand.shape}.")
+    if not np.all(np.diff(cand) < 0) or cand[-1] <= 0:
+        raise ValueError("candidate times must be positive and strictly decreasing (from noise towards data).")
+    return jnp.asarray(cand, dtype)
+
+
+def optimize_grid(
+    denoise: Callable,
+    process,
+    x_T: jax.Array,
+    solver="dpmpp_2m",
+    steps: int = 10,
+    *,
+    candidates=64,
+    reference_steps: int = 16,
+    final_zero: bool = True,
+    free_end: bool = False,
+    refine: int = 0,
+    **solver_args,
+) -> jax.Array:
+    """The time grid that makes ``solver`` track the exact ODE best on the draws ``x_T`` (OSS).
+
+    See the module docstring for the algorithm (Pei et al. 2025).
+
+    Args:
+      denoise: the denoiser ``denoise(x_t, t) -> x0_hat``.
+      process: its forward process.
+      x_T: calibration draws of the prior, e.g. ``process.prior_sample(key, (16, d))``.
+      solver: a deterministic solver name from :data:`difflax.solvers.SOLVERS` or solver object.
+      steps: number of grid intervals, as for :func:`difflax.sample` (with ``final_zero``
+        the last one is the final denoising step).
+      candidates: number ``M`` of candidate times, uniform in log-SNR from ``t_max`` to
+        ``t_min``, or a strictly decreasing array of positive candidate times (the grid
+        then starts at its first and ends at its last entry).
+      reference_steps: second-order substeps between consecutive candidates for the
+        reference trajectory.
+      final_zero: finish the grid with an exact ``0`` (the final denoising step).
+      free_end: with ``final_zero``, let the last positive time be any candidate (chosen
+        by the error of the final denoising step ``D(x, c_i)`` against the reference
+        endpoint ``D(x*(t_min), t_min)``) instead of ``t_min``.
+      refine: at most this many sweeps of a local search after the dynamic program: each
+        sweep tries every move of one grid time to another candidate between its
+        neighbours and keeps the move that lowers the error of the final sample on the
+        calibration draws most (0: plain OSS).
+      **solver_args: hyper-parameters of the solver.
+
+    Returns:
+      A strictly decreasing array of ``steps + 1`` times from ``t_max`` to ``t_min``
+      (or a later candidate with ``free_end``), followed by ``0`` when ``final_zero``, to
+      be passed as ``grid=``.
+    """
+    from difflax.solvers import get_solver  # the registry imports this module
+
+    if isinstance(solver, str):
+        name = solver
+        solver = get_solver(solver, **solver_args)
+    else:
+        name = type(solver).__name__.lower()
+        if solver_args:
+            raise ValueError("pass solver hyper-parameters either in the solver object or as keywords, not both.")
+    if hasattr(solver, "solve"):
+        raise ValueError(f"solver {name!r} chooses its own steps; optimize_grid needs a fixed-step solver.")
+    if solver.stochastic:
+        raise ValueError(f"solver {name!r} is stochastic with these settings; optimize_grid needs a deterministic one.")
+    if not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be a positive int; got {steps!r}.")
+    if not isinstance(refine, (int, np.integer)) or refine < 0:
+        raise ValueError(f"refine must be a non-negative int; got {refine!r}.")
+    x_T = jnp.asarray(x_T)
+    if x_T.ndim < 1 or not jnp.issubdtype(x_T.dtype, jnp.floating):
+        raise ValueError(f"x_T must be a float array with a leading batch axis; got {x_T.dtype} {x_T.shape}.")
+    cand = _candidate_times(candidates, process, x_T.dtype)
+    m = cand.shape[0]
+    k_steps = steps - 1 if final_zero else steps  # student steps between positive times
+    if k_steps > m - 1:
+        raise ValueError(f"{m} candidates allow at most {m - 1} steps between them; got {k_steps}.")
+    tail = [0.0] if final_zero else []
+    if k_steps == 0:
+        return jnp.asarray(np.array([float(cand[0]), *tail]), x_T.dtype)
+
+    pointers, end_cost, endpoint, last = _dynamic_program(
+        solver, denoise, process, x_T, cand, steps, k_steps, reference_steps=reference_steps
+    )
+    pointers = np.asarray(pointers)
+    path = [int(np.argmin(np.asarray(end_cost))) if (final_zero and free_end) else m - 1]
+    for k in range(k_steps - 1, -1, -1):
+        path.append(int(pointers[k, path[-1]]))
+    path = np.array(path[::-1])
+    if path[0] != 0 or not np.all(np.diff(path) > 0):  # only with non-finite costs everywhere
+        raise FloatingPointError(f"the grid search found no finite path (path {path}); check the denoiser for NaNs.")
+    if refine:
+        target = endpoint if final_zero else last
+        path = _refine(solver, denoise, process, x_T, cand, path, target, final_zero, free_end, refine)
+    grid = np.concatenate([np.asarray(cand, np.float64)[path], tail])
+    return jnp.asarray(grid, x_T.dtype)
+
+
+def _sq_error(x, target):
+    diff = (x - target).reshape(x.shape[0], -1)
+    return jnp.mean(jnp.sum(diff**2, axis=-1))
+
+
+@functools.partial(jax.jit, static_argnames=("denoise", "reference_steps"))
+def _dynamic_program(solver, denoise, process, x_T, cand, steps, k_steps, *, reference_steps):
+    """Back-pointers ``(M - 1, M)`` (row ``k - 1``, ``k <= k_steps``, holds the best predecessor of
+    each ``(k, i)``), the terminal costs of ending at each candidate after ``k_steps`` steps,
+    the reference endpoint ``D(x*(t_min), t_min)`` and the reference state ``x*(t_min)``.
+
+    ``steps`` and ``k_steps`` are traced (stages beyond ``k_steps`` are skipped by a
+    ``lax.cond``), so one compiled program serves every step count of a denoiser, solver
+    kind and candidate count; the solver's hyper-parameters, the process and the candidate
+    times are arguments too.
+    """
+    m = cand.shape[0]
+    idx = jnp.arange(m)
+    ref = reference_trajectory(denoise, process, x_T, cand, reference_steps)
+    state0 = solver.init(process, x_T, None, steps)
+    states = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (m, *jnp.shape(a))), state0)
+    valid = idx == 0
+
+    def stage(carry, k):
+        states, valid = carry
+
+        def target(i):
+            def from_j(state, j):
+                return solver.step(denoise, process, state, cand[j], cand[i])
+
+            new = jax.vmap(from_j)(states, idx)
+            err = jax.vmap(_sq_error, (0, None))(new.x, ref[i])
+            ok = valid & (idx < i) & jnp.isfinite(err)
+            err = jnp.where(ok, err, jnp.inf)
+            j = jnp.argmin(err)
+            return jax.tree_util.tree_map(lambda a: a[j], new), err[j], j
+
+        def active(carry):
+            new_states, cost, ptr = jax.lax.map(target, idx)
+            # (k, i) is useful only if M - 1 is still reachable in the remaining steps.
+            reachable = (idx >= k) & (idx <= m - 1 - (k_steps - k))
+            return (new_states, jnp.isfinite(cost) & reachable), ptr.astype(jnp.int32)
+
+        def skip(carry):
+            return carry, jnp.zeros((m,), jnp.int32)
+
+        return jax.lax.cond(k <= k_steps, active, skip, carry)
+
+    (states, valid), pointers = jax.lax.scan(stage, (states, valid), jnp.arange(1, m))
+    # Terminal cost of ending at candidate i with the final denoising step D(x, c_i).
+    endpoint = call(denoise, ref[-1], cand[-1])
+    out = jax.vmap(lambda x, t: call(denoise, x, t))(states.x, cand)
+    end_cost = jax.vmap(_sq_error, (0, None))(out, endpoint)
+    end_cost = jnp.where(valid & jnp.isfinite(end_cost), end_cost, jnp.inf)
+    return pointers, end_cost, endpoint, ref[-1]
+
+
+@functools.partial(jax.jit, static_argnames=("denoise", "final_zero"))
+def _path_errors(solver, denoise, process, x_T, cand, paths, target, *, final_zero):
+    """Final-sample error on the calibration draws of each candidate-index path in ``paths``."""
+
+    def one(p):
+        ts = cand[p]
+        if final_zero:
+            ts = jnp.concatenate([ts, jnp.zeros((1,), ts.dtype)])
+        x, _ = run(solver, denoise, process, x_T, ts, final_zero=final_zero)
+        err = _sq_error(x, target)
+        return jnp.where(jnp.isfinite(err), err, jnp.inf)
+
+    return jax.vmap(one)(paths)
+
+
+def _refine(solver, denoise, process, x_T, cand, path, target, final_zero, free_end, sweeps):
+    """Greedy local search on the final-sample error over the calibration draws (see ``refine``)."""
+    m = cand.shape[0]
+    best = None
+    movable = range(1, len(path) if (final_zero and free_end) else len(path) - 1)
+    for _ in range(sweeps):
+        proposals = [path]  # first: the current path, so one compiled shape serves every sweep
+        for p in movable:
+            hi = path[p + 1] if p + 1 < len(path) else m
+            for c in range(path[p - 1] + 1, hi):
+                if c != path[p]:
+                    q = path.copy()
+                    q[p] = c
+                    proposals.append(q)
+        if len(proposals) == 1:
+            break
+        proposals += [path] * (-len(proposals) % m)  # pad to a multiple of M: few compiled shapes
+        errs = np.asarray(
+            _path_errors(
+                solver, denoise, process, x_T, cand, jnp.asarray(np.stack(proposals)), target, final_zero=final_zero
+            )
+        )
+        best = errs[0] if best is None else best
+        i = int(np.argmin(errs))
+        if not errs[i] < best * (1.0 - 1e-6):
+            break
+        best, path = float(errs[i]), proposals[i]
+    return path
