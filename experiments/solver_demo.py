@@ -1,7 +1,6 @@
-"""The main job: ``python -m experiments.main [--config=configs/demo.py] [--workdir=DIR]``.
+"""Solver demo: ``python -m experiments.solver_demo [--config=configs/demo.py] [--workdir=DIR]``.
 
-The default recipe is the solver demo: samples from the exact denoiser of a 2-D
-Gaussian mixture with several solvers at a small step budget, scored against the exact
+Samples from the exact denoiser of a 2-D Gaussian mixture with several solvers at a small step budget, scored against the exact
 probability-flow ODE endpoint and the exact data density. It writes ``samples.png``
 (samples and ODE trajectories per solver) and ``metrics.json`` to the work directory.
 """
@@ -26,7 +25,7 @@ from difflax.processes import get_process
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py"), "Recipe file."
 )
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/demo", "Directory for outputs.")
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/solver_demo", "Directory for outputs.")
 
 
 def ring_mixture(num_modes: int, radius: float, std: float) -> GaussianMixture:

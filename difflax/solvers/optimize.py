@@ -127,6 +127,7 @@ def optimize_grid(
     final_zero: bool = True,
     free_end: bool = False,
     refine: int = 0,
+    max_step_ratio: float | None = None,
     **solver_args,
 ) -> jax.Array:
     """The time grid that makes ``solver`` track the exact ODE best on the draws ``x_T`` (OSS).
@@ -153,6 +154,11 @@ def optimize_grid(
         sweep tries every move of one grid time to another candidate between its
         neighbours and keeps the move that lowers the error of the final sample on the
         calibration draws most (0: plain OSS).
+      max_step_ratio: if given, no step may be longer in log-SNR than this many times the
+        step before it. Multistep solvers extrapolate from earlier steps; after a run of
+        short steps a long one amplifies differences of earlier predictions, which the
+        calibration draws may not reveal (a few draws near a mode boundary go astray), so a
+        bound such as 3 makes their grids more robust.
       **solver_args: hyper-parameters of the solver.
 
     Returns:
@@ -189,8 +195,9 @@ def optimize_grid(
     if k_steps == 0:
         return jnp.asarray(np.array([float(cand[0]), *tail]), x_T.dtype)
 
+    max_ratio = jnp.inf if max_step_ratio is None else float(max_step_ratio)
     pointers, end_cost, endpoint, last = _dynamic_program(
-        solver, denoise, process, x_T, cand, steps, k_steps, reference_steps=reference_steps
+        solver, denoise, process, x_T, cand, steps, k_steps, max_ratio, reference_steps=reference_steps
     )
     pointers = np.asarray(pointers)
     path = [int(np.argmin(np.asarray(end_cost))) if (final_zero and free_end) else m - 1]
@@ -198,10 +205,15 @@ def optimize_grid(
         path.append(int(pointers[k, path[-1]]))
     path = np.array(path[::-1])
     if path[0] != 0 or not np.all(np.diff(path) > 0):  # only with non-finite costs everywhere
-        raise FloatingPointError(f"the grid search found no finite path (path {path}); check the denoiser for NaNs.")
+        raise FloatingPointError(
+            f"the grid search found no finite path (path {path}): check the denoiser for NaNs, or raise max_step_ratio."
+        )
     if refine:
         target = endpoint if final_zero else last
-        path = _refine(solver, denoise, process, x_T, cand, path, target, final_zero, free_end, refine)
+        lam = np.asarray(0.5 * process.log_snr(cand), np.float64).clip(-_LAMBDA_CLIP, _LAMBDA_CLIP)
+        path = _refine(
+            solver, denoise, process, x_T, cand, path, target, final_zero, free_end, refine, lam, float(max_ratio)
+        )
     grid = np.concatenate([np.asarray(cand, np.float64)[path], tail])
     return jnp.asarray(grid, x_T.dtype)
 
@@ -212,7 +224,7 @@ def _sq_error(x, target):
 
 
 @functools.partial(jax.jit, static_argnames=("denoise", "reference_steps"))
-def _dynamic_program(solver, denoise, process, x_T, cand, steps, k_steps, *, reference_steps):
+def _dynamic_program(solver, denoise, process, x_T, cand, steps, k_steps, max_ratio, *, reference_steps):
     """Back-pointers ``(M - 1, M)`` (row ``k - 1``, ``k <= k_steps``, holds the best predecessor of
     each ``(k, i)``), the terminal costs of ending at each candidate after ``k_steps`` steps,
     the reference endpoint ``D(x*(t_min), t_min)`` and the reference state ``x*(t_min)``.
@@ -220,17 +232,20 @@ def _dynamic_program(solver, denoise, process, x_T, cand, steps, k_steps, *, ref
     ``steps`` and ``k_steps`` are traced (stages beyond ``k_steps`` are skipped by a
     ``lax.cond``), so one compiled program serves every step count of a denoiser, solver
     kind and candidate count; the solver's hyper-parameters, the process and the candidate
-    times are arguments too.
+    times are arguments too. A step ``c_j -> c_i`` is allowed only if its log-SNR length is at
+    most ``max_ratio`` times that of the step that reached ``(k - 1, j)``.
     """
     m = cand.shape[0]
     idx = jnp.arange(m)
     ref = reference_trajectory(denoise, process, x_T, cand, reference_steps)
+    lam = jnp.clip(0.5 * process.log_snr(cand), -_LAMBDA_CLIP, _LAMBDA_CLIP)
     state0 = solver.init(process, x_T, None, steps)
     states = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (m, *jnp.shape(a))), state0)
     valid = idx == 0
+    h_prev = jnp.full((m,), jnp.inf, lam.dtype)  # log-SNR length of the step into each node
 
     def stage(carry, k):
-        states, valid = carry
+        states, valid, h_prev = carry
 
         def target(i):
             def from_j(state, j):
@@ -238,23 +253,24 @@ def _dynamic_program(solver, denoise, process, x_T, cand, steps, k_steps, *, ref
 
             new = jax.vmap(from_j)(states, idx)
             err = jax.vmap(_sq_error, (0, None))(new.x, ref[i])
-            ok = valid & (idx < i) & jnp.isfinite(err)
+            h = lam[i] - lam
+            ok = valid & (idx < i) & jnp.isfinite(err) & (h <= max_ratio * h_prev)
             err = jnp.where(ok, err, jnp.inf)
             j = jnp.argmin(err)
-            return jax.tree_util.tree_map(lambda a: a[j], new), err[j], j
+            return jax.tree_util.tree_map(lambda a: a[j], new), err[j], j, h[j]
 
         def active(carry):
-            new_states, cost, ptr = jax.lax.map(target, idx)
+            new_states, cost, ptr, h_new = jax.lax.map(target, idx)
             # (k, i) is useful only if M - 1 is still reachable in the remaining steps.
             reachable = (idx >= k) & (idx <= m - 1 - (k_steps - k))
-            return (new_states, jnp.isfinite(cost) & reachable), ptr.astype(jnp.int32)
+            return (new_states, jnp.isfinite(cost) & reachable, h_new), ptr.astype(jnp.int32)
 
         def skip(carry):
             return carry, jnp.zeros((m,), jnp.int32)
 
         return jax.lax.cond(k <= k_steps, active, skip, carry)
 
-    (states, valid), pointers = jax.lax.scan(stage, (states, valid), jnp.arange(1, m))
+    (states, valid, _), pointers = jax.lax.scan(stage, (states, valid, h_prev), jnp.arange(1, m))
     # Terminal cost of ending at candidate i with the final denoising step D(x, c_i).
     endpoint = call(denoise, ref[-1], cand[-1])
     out = jax.vmap(lambda x, t: call(denoise, x, t))(states.x, cand)
@@ -278,9 +294,14 @@ def _path_errors(solver, denoise, process, x_T, cand, paths, target, *, final_ze
     return jax.vmap(one)(paths)
 
 
-def _refine(solver, denoise, process, x_T, cand, path, target, final_zero, free_end, sweeps):
+def _refine(solver, denoise, process, x_T, cand, path, target, final_zero, free_end, sweeps, lam, max_ratio):
     """Greedy local search on the final-sample error over the calibration draws (see ``refine``)."""
     m = cand.shape[0]
+
+    def allowed(q):
+        h = np.diff(lam[q])
+        return bool(np.all(h[1:] <= max_ratio * h[:-1]))
+
     best = None
     movable = range(1, len(path) if (final_zero and free_end) else len(path) - 1)
     for _ in range(sweeps):
@@ -291,7 +312,8 @@ def _refine(solver, denoise, process, x_T, cand, path, target, final_zero, free_
                 if c != path[p]:
                     q = path.copy()
                     q[p] = c
-                    proposals.append(q)
+                    if allowed(q):
+                        proposals.append(q)
         if len(proposals) == 1:
             break
         proposals += [path] * (-len(proposals) % m)  # pad to a multiple of M: few compiled shapes

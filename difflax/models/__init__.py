@@ -1,0 +1,42 @@
+"""Flax linen networks for diffusion and flow models.
+
+Every model is called as ``model.apply(variables, x, t, y=None, train=False, self_cond=None)``
+and predicts a quantity of the shape of ``x``; :class:`Preconditioned` (or
+:func:`difflax.as_denoiser`) turns it into a denoiser ``x0_hat(x_t, t)``.
+
+* :class:`UNet`: DDPM++ / ADM U-Net for images (Song et al. 2021; Dhariwal & Nichol 2021).
+* :class:`DiT`: Diffusion Transformer (Peebles & Xie 2023); standard sizes via :func:`dit`.
+* :class:`MLPResNet`: residual MLP for low-dimensional data.
+"""
+
+from difflax.models.dit import DIT_CONFIGS, DiT, DiTBlock, dit, dit_config, sincos_position_embedding
+from difflax.models.embeddings import (
+    ClassEmbedding,
+    ConditionEmbedding,
+    fourier_features,
+    sinusoidal_embedding,
+)
+from difflax.models.layers import SelfAttention
+from difflax.models.mlp import MLPResBlock, MLPResNet
+from difflax.models.precond import Preconditioned
+from difflax.models.unet import AttentionBlock, ResBlock, UNet
+
+__all__ = [
+    "DIT_CONFIGS",
+    "AttentionBlock",
+    "ClassEmbedding",
+    "ConditionEmbedding",
+    "DiT",
+    "DiTBlock",
+    "MLPResBlock",
+    "MLPResNet",
+    "Preconditioned",
+    "ResBlock",
+    "SelfAttention",
+    "UNet",
+    "dit",
+    "dit_config",
+    "fourier_features",
+    "sincos_position_embedding",
+    "sinusoidal_embedding",
+]

@@ -1,0 +1,70 @@
+"""Building blocks shared by the U-Net, DiT and MLP: attention, self-conditioning, remat."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+__all__ = ["SelfAttention", "maybe_remat", "with_self_condition"]
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over tokens ``(batch, length, channels)`` (Vaswani et al. 2017).
+
+    One fused ``qkv`` projection and an output projection, both with bias. Logits and
+    softmax are computed in float32 whatever ``dtype`` is (``jax.nn.dot_product_attention``).
+    ``zero_init_out`` zero-initializes the output projection so a residual attention
+    block starts as the identity (ADM, Dhariwal & Nichol 2021).
+    """
+
+    num_heads: int
+    zero_init_out: bool = False
+    kernel_init: Any = nn.initializers.lecun_normal()
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        batch, length, channels = x.shape
+        if channels % self.num_heads:
+            raise ValueError(f"num_heads={self.num_heads} must divide the attention width {channels}.")
+        head_dim = channels // self.num_heads
+        qkv = nn.Dense(
+            3 * channels, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init, name="qkv"
+        )(x)
+        q, k, v = jnp.split(qkv.reshape(batch, length, 3 * self.num_heads, head_dim), 3, axis=2)
+        h = jax.nn.dot_product_attention(q, k, v).reshape(batch, length, channels)
+        out_init = nn.initializers.zeros_init() if self.zero_init_out else self.kernel_init
+        return nn.Dense(channels, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=out_init, name="proj")(h)
+
+
+def with_self_condition(x: Array, self_cond: Array | None, enabled: bool) -> Array:
+    """Concatenate the previous ``x0`` estimate (zeros when absent) to ``x`` along the last axis.
+
+    Self-conditioning of Chen et al. 2022 ("Analog bits"): the network sees its own
+    earlier prediction as extra input channels.
+    """
+    if not enabled:
+        if self_cond is not None:
+            raise ValueError("self_cond was given but the model was built with self_condition=False.")
+        return x
+    if self_cond is None:
+        self_cond = jnp.zeros_like(x)
+    elif self_cond.shape != x.shape:
+        raise ValueError(f"self_cond must have the shape of x {x.shape}; got {self_cond.shape}.")
+    return jnp.concatenate([x, self_cond.astype(x.dtype)], axis=-1)
+
+
+def maybe_remat(module_cls, enabled: bool):
+    """``nn.remat(module_cls)`` (recompute activations in the backward pass) if ``enabled``.
+
+    Submodules built from the result must be named explicitly so the parameter tree is
+    the same with and without rematerialization.
+    """
+    return nn.remat(module_cls) if enabled else module_cls

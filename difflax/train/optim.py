@@ -1,0 +1,55 @@
+"""Optimizers from config: Adam / AdamW, warm-up and cosine schedules, clipping, NaN skipping."""
+
+from __future__ import annotations
+
+import optax
+
+__all__ = ["make_optimizer", "make_schedule", "nonfinite_count"]
+
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("constant", "cosine")
+
+
+def make_schedule(config, total_steps: int) -> optax.Schedule:
+    """Linear warm-up over ``warmup_steps`` to ``learning_rate``, then constant or cosine decay."""
+    if config.schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule must be one of {SCHEDULES}; got {config.schedule!r}.")
+    warmup = int(config.warmup_steps)
+    if config.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, config.learning_rate, max(warmup, 1), max(total_steps, warmup + 1), end_value=0.0
+        )
+    if warmup == 0:
+        return optax.constant_schedule(config.learning_rate)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, config.learning_rate, warmup), optax.constant_schedule(config.learning_rate)],
+        [warmup],
+    )
+
+
+def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
+    """The optimizer described by ``config`` (the ``optim`` block of a recipe).
+
+    Gradient clipping by global norm (``grad_clip > 0``), then Adam or AdamW on the
+    schedule. ``optax.apply_if_finite`` skips any update whose gradients are not finite
+    (and counts them, see :func:`nonfinite_count`), so a bad batch never corrupts the
+    state; ``grad_accum > 1`` accumulates gradients over that many steps
+    (``optax.MultiSteps``).
+    """
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optim.optimizer must be one of {OPTIMIZERS}; got {config.optimizer!r}.")
+    schedule = make_schedule(config, total_steps)
+    if config.optimizer == "adam":
+        base = optax.adam(schedule, b1=config.b1, b2=config.b2, eps=config.eps)
+    else:
+        base = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay)
+    parts = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip > 0 else []
+    tx = optax.apply_if_finite(optax.chain(*parts, base), max_consecutive_errors=int(config.max_nonfinite))
+    if config.grad_accum > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=int(config.grad_accum))
+    return tx
+
+
+def nonfinite_count(opt_state):
+    """Total number of skipped (non-finite) updates recorded in an optimizer state."""
+    return optax.tree_utils.tree_get(opt_state, "total_notfinite")
