@@ -1,8 +1,9 @@
 """Solver demo: ``python -m experiments.solver_demo [--config=configs/demo.py] [--workdir=DIR]``.
 
-Samples from the exact denoiser of a 2-D Gaussian mixture with several solvers at a small step budget, scored against the exact
-probability-flow ODE endpoint and the exact data density. It writes ``samples.png``
-(samples and ODE trajectories per solver) and ``metrics.json`` to the work directory.
+Samples from the exact denoiser of a 2-D Gaussian mixture with several solvers at a small
+step budget, scored against the exact probability-flow ODE endpoint and the exact data
+density. It writes ``samples.png`` (samples and ODE trajectories per solver) and
+``metrics.json`` to the work directory.
 """
 
 from __future__ import annotations

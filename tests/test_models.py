@@ -1,9 +1,9 @@
 """Tests of the Flax models: shapes, conditioning, initialization, precision, training, errors.
 
-Networks are tiny so the file runs in well under a minute and a half on one CPU core.
-Where a test needs non-zero outputs (the models zero-initialize their output layers)
-it draws all parameters at random with :func:`random_params`, one RNG call whatever
-the number of tensors. For such tiny programs XLA's CPU backend optimizations cost far
+Networks are tiny so the file runs in under a minute and a half on one CPU core (about
+75 s measured); compilation, not arithmetic, is what costs. Where a test needs non-zero
+outputs (the models zero-initialize their output layers) it draws all parameters with
+NumPy in :func:`random_params`, which compiles nothing. For such tiny programs XLA's CPU backend optimizations cost far
 more time than they save (``Module.init`` of a small U-Net compiles 4x faster without
 them), so one-off calls go through :func:`fast_jit`.
 """

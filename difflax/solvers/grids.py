@@ -46,7 +46,7 @@ def _log_snr_range(process):
     ends = jnp.asarray([process.t_max, process.t_min], jnp.result_type(float))
     lam_lo, lam_hi = process.log_snr(ends)
     lam_hi = jnp.clip(lam_hi, -_LOG_SNR_CLIP, _LOG_SNR_CLIP)
-    lam_lo = jnp.maximum(lam_lo, -jnp.abs(lam_hi))
+    lam_lo = jnp.where(jnp.isfinite(lam_lo), jnp.maximum(lam_lo, -_LOG_SNR_CLIP), -jnp.abs(lam_hi))
     return lam_lo, lam_hi
 
 
