@@ -36,17 +36,9 @@ _LOG_SNR_CLIP = 30.0
 
 
 def _log_snr_range(process):
-    """``(log_snr(t_max), log_snr(t_min))``, made finite.
-
-    The upper end is clipped at ``_LOG_SNR_CLIP``. Where ``log_snr(t_max)`` is ``-inf`` (the
-    flow interpolant at ``t = 1``) the lower end becomes ``-log_snr(t_min)``: a log-SNR grid
-    then spends its steps symmetrically around ``log_snr = 0`` instead of in the
-    pure-noise region where nothing happens (the first point stays pinned at ``t_max``).
-    """
+    """``(log_snr(t_max), log_snr(t_min))``, clipped to a finite range."""
     ends = jnp.asarray([process.t_max, process.t_min], jnp.result_type(float))
-    lam_lo, lam_hi = process.log_snr(ends)
-    lam_hi = jnp.clip(lam_hi, -_LOG_SNR_CLIP, _LOG_SNR_CLIP)
-    lam_lo = jnp.where(jnp.isfinite(lam_lo), jnp.maximum(lam_lo, -_LOG_SNR_CLIP), -jnp.abs(lam_hi))
+    lam_lo, lam_hi = jnp.clip(process.log_snr(ends), -_LOG_SNR_CLIP, _LOG_SNR_CLIP)
     return lam_lo, lam_hi
 
 

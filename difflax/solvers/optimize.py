@@ -20,16 +20,30 @@ few calibration draws ``x_T``. It follows "Optimal Stepsize for Diffusion Sampli
    ``dp[k][i] = min_j E ||step(state[k-1][j], c_j -> c_i) - x*_i||^2`` over the
    calibration batch, and the state reached through the minimizing ``j`` is stored at
    ``(k, i)`` with a back-pointer. The inner minimum over ``j`` is one ``vmap``; the
-   loop over ``i`` is a ``lax.map`` and the loop over ``k`` a ``lax.scan``, all in one
-   ``jit``.
+   loop over ``i`` is a ``lax.map`` and the loop over ``k`` a ``lax.scan`` (with the
+   step count traced, so one compiled program serves every step count of a denoiser
+   and solver kind).
 3. **Backtracking** from ``(K, M - 1)`` gives the path of exactly ``K`` student steps
    from ``t_max`` to ``t_min``; with ``final_zero`` the grid then gets the final
    denoising step (an exact ``0``), so ``K = steps - 1``.
 
+Options beyond the paper's algorithm: ``free_end`` lets the last positive time be any
+candidate, chosen by the error of the final denoising step against the reference
+endpoint (with few steps the last step to ``t_min`` is otherwise nearly wasted: it
+re-noises the prediction of the step before); ``max_step_ratio`` bounds the growth of
+consecutive steps in log-SNR (multistep solvers); ``refine`` polishes the path by a local
+search on the final-sample error of the calibration draws. The local costs of the dynamic
+program do not see rare draws that a long step sends towards another mode of the data
+(they look fine until later), so on data with narrow, well separated modes the optimized
+grid gives much lower typical (median) errors than the standard grids at the same NFE
+but not always a lower RMS error; more calibration draws, ``max_step_ratio`` and
+``refine`` help.
+
 The cost is ``O(K M^2)`` solver steps on the calibration batch, the reference
 ``O(M * reference_steps)``; for a cheap denoiser, ``M = 64``, ten steps and 8-32 draws
-this takes seconds on a CPU. The result is an ordinary array of ``steps + 1`` times:
-save it with ``np.save`` and pass it back to :func:`difflax.sample` as ``grid=``.
+this takes seconds on a CPU (mostly compilation). The result is an ordinary array of
+``steps + 1`` times: save it with ``np.save`` and pass it back to
+:func:`difflax.sample` as ``grid=``.
 
 An alternative is Align Your Steps (Sabour et al. 2024), which instead minimizes an
 upper bound on the KL divergence between the discretized and the exact SDE by
@@ -196,8 +210,9 @@ def optimize_grid(
         return jnp.asarray(np.array([float(cand[0]), *tail]), x_T.dtype)
 
     max_ratio = jnp.inf if max_step_ratio is None else float(max_step_ratio)
+    ref = _reference_jit(denoise, process, x_T, cand, reference_steps)  # shared by every solver and step count
     pointers, end_cost, endpoint, last = _dynamic_program(
-        solver, denoise, process, x_T, cand, steps, k_steps, max_ratio, reference_steps=reference_steps
+        solver, denoise, process, ref, cand, steps, k_steps, max_ratio
     )
     pointers = np.asarray(pointers)
     path = [int(np.argmin(np.asarray(end_cost))) if (final_zero and free_end) else m - 1]
@@ -223,9 +238,14 @@ def _sq_error(x, target):
     return jnp.mean(jnp.sum(diff**2, axis=-1))
 
 
-@functools.partial(jax.jit, static_argnames=("denoise", "reference_steps"))
-def _dynamic_program(solver, denoise, process, x_T, cand, steps, k_steps, max_ratio, *, reference_steps):
-    """Back-pointers ``(M - 1, M)`` (row ``k - 1``, ``k <= k_steps``, holds the best predecessor of
+_reference_jit = jax.jit(reference_trajectory, static_argnums=(0, 4))
+
+
+@functools.partial(jax.jit, static_argnames=("denoise",))
+def _dynamic_program(solver, denoise, process, ref, cand, steps, k_steps, max_ratio):
+    """The dynamic program on the reference trajectory ``ref`` at the candidates ``cand``.
+
+    Returns back-pointers ``(M - 1, M)`` (row ``k - 1``, ``k <= k_steps``, holds the best predecessor of
     each ``(k, i)``), the terminal costs of ending at each candidate after ``k_steps`` steps,
     the reference endpoint ``D(x*(t_min), t_min)`` and the reference state ``x*(t_min)``.
 
@@ -237,7 +257,7 @@ def _dynamic_program(solver, denoise, process, x_T, cand, steps, k_steps, max_ra
     """
     m = cand.shape[0]
     idx = jnp.arange(m)
-    ref = reference_trajectory(denoise, process, x_T, cand, reference_steps)
+    x_T = ref[0]
     lam = jnp.clip(0.5 * process.log_snr(cand), -_LAMBDA_CLIP, _LAMBDA_CLIP)
     state0 = solver.init(process, x_T, None, steps)
     states = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (m, *jnp.shape(a))), state0)
