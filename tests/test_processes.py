@@ -8,18 +8,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy.integrate import solve_ivp
 
-from difflax import EDM, VE, VP, DiscreteVP, Flow, SubVP
+from difflax import VP, DiscreteVP, Flow
+from difflax.processes import PROCESSES
 
-FACTORIES = {
-    "vp": VP,
-    "subvp": SubVP,
-    "ve": VE,
-    "edm": EDM,
-    "flow": Flow,
-    "ddpm_linear": DiscreteVP.linear,
-    "ddpm_cosine": DiscreteVP.cosine,
-    "ddpm_scaled_linear": DiscreteVP.scaled_linear,
-}
+FACTORIES = PROCESSES
 NAMES = list(FACTORIES)
 
 

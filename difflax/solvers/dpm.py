@@ -265,10 +265,6 @@ class _DPMSolverPPMultistep:
         }
         return init_state(x, key, extra)
 
-    def _update(self, state, s, c, h, x0):
-        """``x_t`` without noise, and the scale of the noise (``None`` for the ODE solvers)."""
-        raise NotImplementedError
-
     def step(self, denoise, process, state: SolverState, t, t_next) -> SolverState:
         x = state.x
         s, c = coefficients(process, promote_time(t, x)), coefficients(process, promote_time(t_next, x))
