@@ -55,9 +55,8 @@ import numpy as np
 
 from difflax.parametrization import Denoiser, convert
 from difflax.processes import Process, broadcast_to, check_t
-from difflax.solvers import DEFAULT_GRIDS, get_solver, make_grid, sample
+from difflax.solvers import DEFAULT_GRIDS, make_grid, resolve_grid, resolve_solver, sample
 from difflax.solvers.base import call, coefficients, exp_neg_h, time_vector
-from difflax.solvers.grids import check_grid
 
 Array = jax.Array
 ConditionalDenoiser = Callable[[Array, Array, Any], Array]
@@ -659,20 +658,8 @@ def inpaint(denoise: Denoiser, known, mask) -> Denoiser:
 
 
 def _setup_solver(solver, solver_args, process, steps, grid):
-    if isinstance(solver, str):
-        name = solver
-        solver = get_solver(solver, **solver_args)
-    else:
-        name = type(solver).__name__.lower()
-        if solver_args:
-            raise ValueError("pass solver hyper-parameters either in the solver object or as keywords, not both.")
-    if grid is None:
-        grid = DEFAULT_GRIDS.get(name, "logsnr")
-    if isinstance(grid, str):
-        return name, solver, make_grid(grid, process, steps, final_zero=True), True
-    ts, final_zero = check_grid(grid, process)
-    if final_zero is None:
-        raise ValueError("grid must be a concrete array here (or a grid name); got a traced array.")
+    name, solver = resolve_solver(solver, solver_args)
+    ts, final_zero = resolve_grid(grid, name, process, steps)
     return name, solver, ts, final_zero
 
 

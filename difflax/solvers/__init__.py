@@ -88,6 +88,8 @@ __all__ = [
     "grids",
     "make_grid",
     "optimize_grid",
+    "resolve_grid",
+    "resolve_solver",
     "sample",
     "to_edm",
 ]
@@ -101,6 +103,30 @@ def get_solver(name: str, **kwargs):
         return SOLVERS[name](**kwargs)
     except TypeError as err:
         raise TypeError(f"solver {name!r}: {err}") from None
+
+
+def resolve_solver(solver, solver_args: dict):
+    """``(name, solver)`` from a registry name plus keywords, or from a solver object."""
+    if isinstance(solver, str):
+        return solver, get_solver(solver, **solver_args)
+    if solver_args:
+        raise ValueError("pass solver hyper-parameters either in the solver object or as keywords, not both.")
+    return next((k for k, cls in SOLVERS.items() if cls is type(solver)), type(solver).__name__), solver
+
+
+def resolve_grid(grid, solver_name: str, process, steps: int, final_zero: bool | None = None):
+    """``(ts, final_zero)`` from a grid name (default: the solver's) or a user array."""
+    if grid is None:
+        grid = DEFAULT_GRIDS.get(solver_name, "logsnr")
+    if isinstance(grid, str):
+        final_zero = True if final_zero is None else final_zero
+        return make_grid(grid, process, steps, final_zero=final_zero), final_zero
+    ts, ends_in_zero = check_grid(grid, process)
+    if final_zero is None:
+        if ends_in_zero is None:
+            raise ValueError("grid is a traced array: pass final_zero=True or False.")
+        final_zero = ends_in_zero
+    return ts, final_zero
 
 
 def sample(
@@ -134,24 +160,8 @@ def sample(
     Returns:
       ``(x0, info)`` with ``info["nfe"]`` the number of denoiser evaluations made.
     """
-    if isinstance(solver, str):
-        name = solver
-        solver = get_solver(solver, **solver_args)
-    else:
-        name = next((k for k, cls in SOLVERS.items() if cls is type(solver)), type(solver).__name__)
-        if solver_args:
-            raise ValueError("pass solver hyper-parameters either in the solver object or as keywords, not both.")
-    if grid is None:
-        grid = DEFAULT_GRIDS.get(name, "logsnr")
-    if isinstance(grid, str):
-        ts = make_grid(grid, process, steps, final_zero=True if final_zero is None else final_zero)
-        final_zero = True if final_zero is None else final_zero
-    else:
-        ts, ends_in_zero = check_grid(grid, process)
-        if final_zero is None:
-            if ends_in_zero is None:
-                raise ValueError("grid is a traced array: pass final_zero=True or False.")
-            final_zero = ends_in_zero
+    name, solver = resolve_solver(solver, solver_args)
+    ts, final_zero = resolve_grid(grid, name, process, steps, final_zero)
     if solver.stochastic and key is None:
         raise ValueError(f"solver {name!r} is stochastic with these settings; pass key=jax.random.key(...).")
     if hasattr(solver, "solve"):  # adaptive solvers do their own stepping

@@ -180,15 +180,9 @@ def optimize_grid(
       (or a later candidate with ``free_end``), followed by ``0`` when ``final_zero``, to
       be passed as ``grid=``.
     """
-    from difflax.solvers import get_solver  # the registry imports this module
+    from difflax.solvers import resolve_solver  # the registry imports this module
 
-    if isinstance(solver, str):
-        name = solver
-        solver = get_solver(solver, **solver_args)
-    else:
-        name = type(solver).__name__.lower()
-        if solver_args:
-            raise ValueError("pass solver hyper-parameters either in the solver object or as keywords, not both.")
+    name, solver = resolve_solver(solver, solver_args)
     if hasattr(solver, "solve"):
         raise ValueError(f"solver {name!r} chooses its own steps; optimize_grid needs a fixed-step solver.")
     if solver.stochastic:
