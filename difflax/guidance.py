@@ -56,7 +56,7 @@ import numpy as np
 from difflax.parametrization import Denoiser, convert
 from difflax.processes import Process, broadcast_to, check_t
 from difflax.solvers import DEFAULT_GRIDS, make_grid, resolve_grid, resolve_solver, sample
-from difflax.solvers.base import call, coefficients, exp_neg_h, time_vector
+from difflax.solvers.base import call, coefficients, exp_neg_h, finish, time_vector
 
 Array = jax.Array
 ConditionalDenoiser = Callable[[Array, Array, Any], Array]
@@ -1015,14 +1015,7 @@ def dps_sample(
         return state, (state.x if return_trajectory else None)
 
     state, traj = jax.lax.scan(body, state, (positive[:-1], positive[1:]))
-    x, nfe = state.x, state.nfe
-    if final_zero:
-        x = call(denoise, x, positive[-1])
-        nfe = nfe + 1
-    info = {"nfe": nfe, "steps": num_steps, "ts": ts}
-    if return_trajectory:
-        info["trajectory"] = jnp.concatenate([x_T[None], traj, x[None]] if final_zero else [x_T[None], traj])
-    return x, info
+    return finish(denoise, state, x_T, traj, ts, final_zero=final_zero)
 
 
 def pigdm(

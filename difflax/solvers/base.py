@@ -29,6 +29,7 @@ __all__ = [
     "coefficients",
     "eps_from_x0",
     "exp_neg_h",
+    "finish",
     "init_state",
     "run",
     "time_vector",
@@ -122,12 +123,19 @@ def run(
         return state, (state.x if return_trajectory else None)
 
     state, traj = jax.lax.scan(body, state, (positive[:-1], positive[1:]))
-    x = state.x
-    nfe = state.nfe
+    return finish(denoise, state, x_T, traj, ts, final_zero=final_zero)
+
+
+def finish(denoise: Callable, state: SolverState, x_T: Array, traj, ts: Array, *, final_zero: bool):
+    """End a scan over the grid ``ts``: the final denoising step (if ``final_zero``) and ``info``.
+
+    ``traj`` is the stacked per-step ``x`` of the scan, or ``None``.
+    """
+    x, nfe = state.x, state.nfe
     if final_zero:
-        x = call(denoise, x, positive[-1])
+        x = call(denoise, x, ts[-2])
         nfe = nfe + 1
-    info = {"nfe": nfe, "steps": num_steps, "ts": ts}
-    if return_trajectory:
+    info = {"nfe": nfe, "steps": ts.shape[0] - 1, "ts": ts}
+    if traj is not None:
         info["trajectory"] = jnp.concatenate([x_T[None], traj, x[None]] if final_zero else [x_T[None], traj])
     return x, info
