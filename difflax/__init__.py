@@ -9,7 +9,7 @@ shards, and composes with any model through the denoiser contract
 from difflax import analytic, guidance, likelihood, losses, parametrization, processes, solvers
 from difflax.parametrization import Denoiser, as_denoiser, convert, denoiser_to
 from difflax.processes import EDM, VE, VP, DiscreteVP, Flow, SubVP
-from difflax.solvers import make_grid, sample
+from difflax.solvers import make_grid, picard_sample, sample, speculative_sample
 
 __version__ = "0.1.0"
 
@@ -30,7 +30,9 @@ __all__ = [
     "losses",
     "make_grid",
     "parametrization",
+    "picard_sample",
     "processes",
     "sample",
     "solvers",
+    "speculative_sample",
 ]

@@ -21,8 +21,10 @@ from difflax.solvers.dpm import DPMSolver, DPMSolverPP2M, DPMSolverPP2MSDE, DPMS
 from difflax.solvers.grids import GRIDS, check_grid, make_grid
 from difflax.solvers.ode import EDMStochastic, Euler, Heun
 from difflax.solvers.optimize import optimize_grid
+from difflax.solvers.parallel import picard_sample
 from difflax.solvers.scaling import to_edm
 from difflax.solvers.sde import ALD, PC, EulerMaruyama
+from difflax.solvers.speculative import reflection_coupling, speculative_sample
 from difflax.solvers.unipc import UniPC
 
 SOLVERS: dict[str, Callable] = {
@@ -88,9 +90,12 @@ __all__ = [
     "grids",
     "make_grid",
     "optimize_grid",
+    "picard_sample",
+    "reflection_coupling",
     "resolve_grid",
     "resolve_solver",
     "sample",
+    "speculative_sample",
     "to_edm",
 ]
 
