@@ -144,6 +144,9 @@ class DiT(nn.Module):
     ``remat`` rematerializes each block; ``self_condition`` concatenates ``self_cond``
     (zeros when ``None``) to the input channels (Chen et al. 2022). ``dropout`` (after
     attention and MLP, default 0 as in the paper) is active only with ``train=True``.
+
+    ``guidance_embedding=True`` adds the guidance strength ``w`` to the conditioning (guidance
+    distillation, Meng et al. 2023; see :class:`~difflax.models.embeddings.ConditionEmbedding`).
     """
 
     patch_size: int = 2
@@ -160,12 +163,15 @@ class DiT(nn.Module):
     max_period: float = 10_000.0
     fourier_scale: float = 16.0
     self_condition: bool = False
+    guidance_embedding: bool = False
     remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, t: Array, y: Array | None = None, *, train: bool = False, self_cond=None) -> Array:
+    def __call__(
+        self, x: Array, t: Array, y: Array | None = None, *, train: bool = False, self_cond=None, w=None
+    ) -> Array:
         if x.ndim != 4:
             raise ValueError(f"x must be NHWC (4 axes); got shape {x.shape}.")
         batch, height, width, channels = x.shape
@@ -190,8 +196,9 @@ class DiT(nn.Module):
             max_period=self.max_period,
             fourier_scale=self.fourier_scale,
             **kw,
+            guidance=self.guidance_embedding,
             name="condition",
-        )(t, y, batch)
+        )(t, y, batch, w)
 
         block = maybe_remat(DiTBlock, self.remat)
         for i in range(self.depth):

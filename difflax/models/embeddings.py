@@ -24,6 +24,7 @@ Array = jax.Array
 Dtype = Any
 
 NOISE_EMBEDDINGS = ("positional", "fourier")
+_NORMAL_002 = nn.initializers.normal(0.02)
 
 __all__ = [
     "NOISE_EMBEDDINGS",
@@ -108,7 +109,10 @@ class ConditionEmbedding(nn.Module):
     ``"fourier"`` uses :func:`fourier_features` (NCSN++ / DDPM++ of Song et al. 2021).
     The MLP is ``Dense(features) -> SiLU -> Dense(features)`` as in ADM and DiT. With
     ``num_classes`` set, ``y`` (int labels, ``None`` or the null class ``num_classes`` for
-    unconditional) adds a :class:`ClassEmbedding`. The result is float32.
+    unconditional) adds a :class:`ClassEmbedding`. With ``guidance=True`` the guidance
+    strength ``w`` (``(batch,)``, ``None`` meaning 0) adds ``MLP(fourier(w))`` whose last layer
+    starts at zero, so a guidance-distillation student initialized from its teacher starts
+    as the teacher (Meng et al. 2023 embed ``w`` like the noise level). The result is float32.
     """
 
     features: int
@@ -117,11 +121,12 @@ class ConditionEmbedding(nn.Module):
     frequency_dim: int = 256
     max_period: float = 10_000.0
     fourier_scale: float = 16.0
+    guidance: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, t: Array, y: Array | None, batch: int) -> Array:
+    def __call__(self, t: Array, y: Array | None, batch: int, w: Array | None = None) -> Array:
         if self.embedding not in NOISE_EMBEDDINGS:
             raise ValueError(
                 f"Unknown embedding {self.embedding!r}; expected one of {', '.join(map(repr, NOISE_EMBEDDINGS))}."
@@ -133,11 +138,11 @@ class ConditionEmbedding(nn.Module):
             freq = sinusoidal_embedding(t, self.frequency_dim, self.max_period)
         else:
             freq = fourier_features(t, self.frequency_dim, self.fourier_scale)
-        dense = lambda name: nn.Dense(
+        dense = lambda name, init=_NORMAL_002: nn.Dense(
             self.features,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=nn.initializers.normal(0.02),
+            kernel_init=init,
             name=name,
         )
         c = dense("mlp_in")(freq)
@@ -146,4 +151,10 @@ class ConditionEmbedding(nn.Module):
             c = c + ClassEmbedding(
                 self.num_classes, self.features, self.dtype, self.param_dtype, name="class_embedding"
             )(y, batch).astype(jnp.float32)
+        if self.guidance:
+            w = _per_example(0.0 if w is None else w, batch)
+            g = dense("guidance_in")(fourier_features(w, self.frequency_dim, scale=1.0, seed=1))
+            c = c + dense("guidance_out", nn.initializers.zeros_init())(nn.silu(g)).astype(jnp.float32)
+        elif w is not None:
+            raise ValueError("w (guidance strength) was given but the model has guidance_embedding=False.")
         return c

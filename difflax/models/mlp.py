@@ -55,6 +55,9 @@ class MLPResNet(nn.Module):
     null class) and mapped back by a zero-initialized layer to the shape of ``x`` (or to
     ``out_features`` per example). Conditioning, dtypes, ``self_condition`` and ``remat``
     work as in :class:`~difflax.models.unet.UNet`.
+
+    ``guidance_embedding=True`` adds the guidance strength ``w`` to the conditioning (guidance
+    distillation, Meng et al. 2023; see :class:`~difflax.models.embeddings.ConditionEmbedding`).
     """
 
     features: int = 256
@@ -68,12 +71,15 @@ class MLPResNet(nn.Module):
     fourier_scale: float = 16.0
     out_features: int | None = None
     self_condition: bool = False
+    guidance_embedding: bool = False
     remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, t: Array, y: Array | None = None, *, train: bool = False, self_cond=None) -> Array:
+    def __call__(
+        self, x: Array, t: Array, y: Array | None = None, *, train: bool = False, self_cond=None, w=None
+    ) -> Array:
         if x.ndim < 2:
             raise ValueError(f"x must have a batch axis and at least one feature axis; got shape {x.shape}.")
         batch = x.shape[0]
@@ -88,8 +94,9 @@ class MLPResNet(nn.Module):
             max_period=self.max_period,
             fourier_scale=self.fourier_scale,
             **kw,
+            guidance=self.guidance_embedding,
             name="condition",
-        )(t, y, batch)
+        )(t, y, batch, w)
         h = nn.Dense(self.features, **kw, name="dense_in")(x).astype(jnp.float32)
         block = maybe_remat(MLPResBlock, self.remat)
         for i in range(self.num_blocks):

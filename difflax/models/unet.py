@@ -157,6 +157,9 @@ class UNet(nn.Module):
     ``param_dtype``; norms, the conditioning vector and the output are float32. ``remat``
     rematerializes every block's activations in the backward pass. ``out_channels``
     defaults to the input channels.
+
+    ``guidance_embedding=True`` adds the guidance strength ``w`` to the conditioning (guidance
+    distillation, Meng et al. 2023; see :class:`~difflax.models.embeddings.ConditionEmbedding`).
     """
 
     base_channels: int = 128
@@ -175,6 +178,7 @@ class UNet(nn.Module):
     fourier_scale: float = 16.0
     out_channels: int | None = None
     self_condition: bool = False
+    guidance_embedding: bool = False
     remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -204,7 +208,9 @@ class UNet(nn.Module):
                 raise ValueError(f"head_channels={self.head_channels} must divide every level's width; got {width_}.")
 
     @nn.compact
-    def __call__(self, x: Array, t: Array, y: Array | None = None, *, train: bool = False, self_cond=None) -> Array:
+    def __call__(
+        self, x: Array, t: Array, y: Array | None = None, *, train: bool = False, self_cond=None, w=None
+    ) -> Array:
         self._check(x)
         out_channels = self.out_channels or x.shape[-1]
         x = with_self_condition(x, self_cond, self.self_condition)
@@ -236,8 +242,9 @@ class UNet(nn.Module):
             max_period=self.max_period,
             fourier_scale=self.fourier_scale,
             **kw,
+            guidance=self.guidance_embedding,
             name="condition",
-        )(t, y, x.shape[0])
+        )(t, y, x.shape[0], w)
 
         h = nn.Conv(self.base_channels * self.channel_mult[0], (3, 3), kernel_init=_INIT, **kw, name="conv_in")(x)
         skips = [h]

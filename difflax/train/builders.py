@@ -43,19 +43,20 @@ def build_process(config):
     return get_process(config.name, **dict(config.get("kwargs", {})))
 
 
-def make_apply(model, params, y=None, *, noise_scale: float = 1.0, train: bool = False, rng=None):
-    """``apply(x_t, noise) -> raw network output`` with labels ``y`` closed over."""
+def make_apply(model, params, y=None, *, noise_scale: float = 1.0, train: bool = False, rng=None, w=None):
+    """``apply(x_t, noise) -> raw network output`` with labels ``y`` (and guidance strength ``w``) closed over."""
 
     def apply(x, noise):
         rngs = {"dropout": rng} if rng is not None else None
-        return model.apply({"params": params}, x, noise_scale * noise, y, train=train, rngs=rngs)
+        extra = {} if w is None else {"w": w}
+        return model.apply({"params": params}, x, noise_scale * noise, y, train=train, rngs=rngs, **extra)
 
     return apply
 
 
-def make_denoiser(model, params, process, prediction: str, y=None, *, noise_scale: float = 1.0):
+def make_denoiser(model, params, process, prediction: str, y=None, *, noise_scale: float = 1.0, w=None):
     """The denoiser of a trained network (inference mode): ``denoise(x_t, t) -> x0_hat``."""
-    return as_denoiser(make_apply(model, params, y, noise_scale=noise_scale), process, prediction)
+    return as_denoiser(make_apply(model, params, y, noise_scale=noise_scale, w=w), process, prediction)
 
 
 def sample_t(config, key, shape, process):

@@ -155,8 +155,8 @@ class Trainer:
                     self.save(state, {"loss": float(jax.device_get(metrics["loss"]))})
                 if self._preempted:
                     break
-            final_metrics = {"loss": float(jax.device_get(metrics["loss"]))} if end > start else None
-            self.save(state, final_metrics, force=True)
+            if end > start:  # a run resumed at its end has nothing new to save
+                self.save(state, {"loss": float(jax.device_get(metrics["loss"]))}, force=True)
             self.checkpointer.wait()
         finally:
             bar.close()
