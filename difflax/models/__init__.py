@@ -7,8 +7,11 @@ and predicts a quantity of the shape of ``x``; :class:`Preconditioned` (or
 * :class:`UNet`: DDPM++ / ADM U-Net for images (Song et al. 2021; Dhariwal & Nichol 2021).
 * :class:`DiT`: Diffusion Transformer (Peebles & Xie 2023); standard sizes via :func:`dit`.
 * :class:`MLPResNet`: residual MLP for low-dimensional data.
+* :class:`AdvKDStudent`, :class:`AdvKDCritics`: the one-pass student and per-stage critics of
+  adversarial knowledge distillation (:mod:`difflax.distill.adversarial`).
 """
 
+from difflax.models.advkd import AdvKDCritics, AdvKDStudent, advkd_networks
 from difflax.models.dit import DIT_CONFIGS, DiT, DiTBlock, dit, dit_config, sincos_position_embedding
 from difflax.models.embeddings import (
     ClassEmbedding,
@@ -23,6 +26,8 @@ from difflax.models.unet import AttentionBlock, ResBlock, UNet
 
 __all__ = [
     "DIT_CONFIGS",
+    "AdvKDCritics",
+    "AdvKDStudent",
     "AttentionBlock",
     "ClassEmbedding",
     "ConditionEmbedding",
@@ -34,6 +39,7 @@ __all__ = [
     "ResBlock",
     "SelfAttention",
     "UNet",
+    "advkd_networks",
     "dit",
     "dit_config",
     "fourier_features",

@@ -1,0 +1,87 @@
+"""Distillation of a frozen teacher denoiser into few-step students.
+
+Every method is a pure loss over denoisers (the teacher frozen, the student being
+trained), so it composes with any network and any optimizer;
+:mod:`difflax.train.students` trains Flax students with them.
+
+* :mod:`~difflax.distill.progressive`: progressive distillation (Salimans & Ho 2022).
+* :mod:`~difflax.distill.consistency`: consistency distillation and training (Song et al.
+  2023), with the improved recipe (Song & Dhariwal 2024) and multistep sampling.
+* :mod:`~difflax.distill.reflow`: reflow on teacher couplings and path straightness (Liu et al. 2023).
+* :mod:`~difflax.distill.guided`: guidance distillation (Meng et al. 2023).
+* :mod:`~difflax.distill.dmd`: distribution matching distillation (Yin et al. 2024) / Diff-Instruct.
+* :mod:`~difflax.distill.adversarial`: adversarial knowledge distillation, Adv-KD (Mekonnen et al. 2023).
+* :mod:`~difflax.distill.trajectories`: teacher trajectories as a stored dataset.
+"""
+
+from difflax.distill.adversarial import (
+    PAPER_NUM_STAGES,
+    advkd_loss,
+    advkd_timesteps,
+    critic_loss,
+    downsample,
+    downsample_targets,
+    generator_loss,
+    gradient_penalty,
+    interpolates,
+    regression_loss,
+    stage_factors,
+    stage_times,
+)
+from difflax.distill.consistency import (
+    DISTANCES,
+    consistency_function,
+    consistency_loss,
+    consistency_sample,
+    ct_curriculum,
+    ct_target_decay,
+    distance,
+    ict_curriculum,
+    karras_levels,
+    ode_step,
+    sample_level_index,
+)
+from difflax.distill.dmd import dmd_fake_loss, dmd_generator_loss, dmd_regression_loss
+from difflax.distill.guided import guidance_distillation_loss
+from difflax.distill.progressive import ddim_step, progressive_loss, progressive_target, student_grid
+from difflax.distill.reflow import reflow_loss, straightness
+from difflax.distill.trajectories import load_trajectories, save_trajectories, teacher_trajectories
+
+__all__ = [
+    "DISTANCES",
+    "PAPER_NUM_STAGES",
+    "advkd_loss",
+    "advkd_timesteps",
+    "consistency_function",
+    "consistency_loss",
+    "consistency_sample",
+    "critic_loss",
+    "ct_curriculum",
+    "ct_target_decay",
+    "ddim_step",
+    "distance",
+    "dmd_fake_loss",
+    "dmd_generator_loss",
+    "dmd_regression_loss",
+    "downsample",
+    "downsample_targets",
+    "generator_loss",
+    "gradient_penalty",
+    "guidance_distillation_loss",
+    "ict_curriculum",
+    "interpolates",
+    "karras_levels",
+    "load_trajectories",
+    "ode_step",
+    "progressive_loss",
+    "progressive_target",
+    "reflow_loss",
+    "regression_loss",
+    "sample_level_index",
+    "save_trajectories",
+    "stage_factors",
+    "stage_times",
+    "straightness",
+    "student_grid",
+    "teacher_trajectories",
+]

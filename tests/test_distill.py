@@ -1,0 +1,280 @@
+"""Distillation losses against exact answers on Gaussian mixtures (difflax.distill)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import difflax
+from difflax import distill
+from difflax.analytic import GaussianMixture
+from difflax.data.toy2d import toy_mixture
+from difflax.likelihood import encode
+from difflax.metrics.sample_based import sliced_wasserstein
+
+
+def _mixture():
+    means = jnp.array([[-1.5, 0.0], [1.0, 1.0], [0.5, -1.2]])
+    return GaussianMixture.isotropic(means, jnp.array([0.3, 0.2, 0.25]), labels=np.array([0, 1, 1]))
+
+
+# ------------------------------------------------------------------ progressive distillation
+@pytest.mark.parametrize("process", [difflax.VP(), difflax.EDM()], ids=["vp", "edm"])
+def test_progressive_target_reproduces_two_teacher_steps(x64, process):
+    """One student DDIM step with x0 = x_tilde lands exactly where two teacher DDIM steps land."""
+    gm = _mixture()
+    teacher = gm.denoiser(process)
+    ts = difflax.make_grid("karras" if isinstance(process, difflax.EDM) else "uniform", process, 8)
+    key = jax.random.key(1)
+    for i in (0, 2, 6):  # i = 6 ends in the exact-zero final time
+        t, t_mid, t_next = (jnp.full((16,), ts[j]) for j in (i, i + 1, i + 2))
+        z = process.marginal(gm.sample(key, 16)[0], t, jax.random.normal(key, (16, 2)))
+        two = distill.ddim_step(process, z, t, t_mid, teacher(z, t))
+        two = distill.ddim_step(process, two, t_mid, t_next, teacher(two, t_mid))
+        target = distill.progressive_target(teacher, process, z, t, t_mid, t_next)
+        one = distill.ddim_step(process, z, t, t_next, target)
+        np.testing.assert_allclose(one, two, rtol=1e-9, atol=1e-9)
+
+
+def test_progressive_loss_zero_iff_student_matches(x64, key):
+    """For a point mass DDIM is exact, so the teacher is its own 2-step student; a perturbed student is not."""
+    process = difflax.VP()
+    point = jnp.array([0.7, -0.4])
+    teacher = lambda x, t: jnp.broadcast_to(point, x.shape)
+    x0 = jnp.broadcast_to(point, (32, 2))
+    ts = difflax.make_grid("uniform", process, 8)
+    assert float(jnp.max(distill.progressive_loss(teacher, teacher, process, x0, key, ts))) < 1e-20
+    worse = lambda x, t: teacher(x, t) + 0.01
+    assert float(jnp.min(distill.progressive_loss(worse, teacher, process, x0, key, ts))) > 1e-5
+    with pytest.raises(ValueError, match="even number of steps"):
+        distill.progressive_loss(teacher, teacher, process, x0, key, ts[:-1])
+
+
+# ------------------------------------------------------------------ consistency models
+def _exact_flow_map(gm, process):
+    """The exact consistency function: the probability-flow ODE solved to t_min (adaptive, tight)."""
+
+    def one(x, t):  # one example, its own start time
+        ts = jnp.stack([t, jnp.asarray(process.t_min, x.dtype)])
+        return difflax.sample(gm.denoiser(process), process, x[None], solver="adaptive", steps=1, grid=ts,
+                              final_zero=False, rtol=1e-9, atol=1e-9)[0][0]
+
+    return jax.jit(jax.vmap(one))
+
+
+def test_consistency_boundary_condition(x64, key):
+    process = difflax.EDM()
+    net = lambda x, c: jnp.sin(x) + c[:, None]  # any network
+    f = distill.consistency_function(net, process)
+    x = jax.random.normal(key, (8, 2))
+    np.testing.assert_allclose(f(x, jnp.full((8,), process.t_min)), x, rtol=1e-12)
+    assert float(jnp.max(jnp.abs(f(x, jnp.full((8,), 1.0)) - x))) > 1e-2
+
+
+def test_consistency_distillation_target_is_the_exact_ode_endpoint(x64, key):
+    """With the exact denoiser as teacher, f*(teacher Heun step) = f*(x_{n+1}) up to Heun's O(h^3) local error."""
+    gm, process = _mixture(), difflax.EDM(t_max=20.0)
+    f_star = _exact_flow_map(gm, process)
+    x0 = gm.sample(key, 8)[0]
+    errors = []
+    for gap in (0.4, 0.2, 0.1):
+        s_hi, s_lo = 1.0, 1.0 - gap
+        x_hi = x0 + s_hi * jax.random.normal(jax.random.key(3), x0.shape)
+        t_hi, t_lo = jnp.full((8,), s_hi), jnp.full((8,), s_lo)
+        x_lo = distill.ode_step(gm.denoiser(process), process, x_hi, t_hi, t_lo, "heun")
+        errors.append(float(jnp.max(jnp.abs(f_star(x_lo, t_lo) - f_star(x_hi, t_hi)))))
+    assert errors[-1] < 1e-3
+    orders = np.log2(np.array(errors[:-1]) / np.array(errors[1:]))
+    assert np.all(orders > 2.5), (errors, orders)
+    # the loss itself, with student = target = f*, is that error through the distance
+    # (consistency training's target, the same noise at the lower level, is far off the trajectory)
+    kw = dict(num_levels=200, max_levels=200, distance_kind="l2", s_max=2.0)
+    loss_cd = distill.consistency_loss(f_star, f_star, process, x0, key, teacher=gm.denoiser(process), **kw)
+    loss_ct = distill.consistency_loss(f_star, f_star, process, x0, key, **kw)
+    assert float(jnp.max(loss_cd)) < 1e-3
+    assert float(jnp.mean(loss_cd)) < 0.01 * float(jnp.mean(loss_ct))
+
+
+def test_consistency_sample_with_exact_map_is_exact(x64, key):
+    """One-step and two-step consistency sampling with the exact flow map give the data distribution."""
+    gm, process = _mixture(), difflax.EDM(t_max=20.0)
+    f_star = _exact_flow_map(gm, process)
+    x_T = process.prior_sample(key, (600, 2), jnp.float64)
+    for ts in ([20.0], [20.0, 0.8]):
+        x, info = distill.consistency_sample(f_star, process, x_T, jax.random.key(5), jnp.array(ts))
+        assert info["nfe"] == len(ts)
+        np.testing.assert_allclose(jnp.mean(x, 0), gm.mean(), atol=0.1)
+        np.testing.assert_allclose(jnp.cov(x.T), gm.covariance(), atol=0.15)
+        # not collapsed to the mean, as one Euler step of the teacher would be
+        assert float(jnp.trace(jnp.cov(x.T))) > 0.8 * float(jnp.trace(gm.covariance()))
+
+
+def test_consistency_schedules():
+    assert int(distill.ict_curriculum(0, 1000)) == 11
+    assert int(distill.ict_curriculum(999, 1000)) == 1281
+    k_prime = 1000 // 8  # log2(1280 / 10) + 1 = 8 stages
+    assert [int(distill.ict_curriculum(k, 1000)) for k in (k_prime - 1, k_prime, 2 * k_prime)] == [11, 21, 41]
+    assert int(distill.ct_curriculum(0, 1000)) == 2 and int(distill.ct_curriculum(1000, 1000)) == 151
+    np.testing.assert_allclose(distill.ct_target_decay(2), 0.9, rtol=1e-6)
+    levels = distill.karras_levels(18, 0.002, 80.0, max_levels=20)
+    np.testing.assert_allclose([levels[0], levels[17], levels[19]], [0.002, 80.0, 80.0], rtol=1e-5)
+    assert bool(jnp.all(jnp.diff(levels[:18]) > 0))
+
+
+def test_lognormal_level_sampling_matches_its_probabilities(key):
+    from scipy.special import erf
+
+    levels = distill.karras_levels(11, 0.002, 80.0, max_levels=21)
+    n = distill.sample_level_index(key, (40000,), levels, 11, "lognormal")
+    assert int(n.max()) <= 9 and int(n.min()) >= 0
+    lv = np.asarray(levels[:11], np.float64)
+    cdf = erf((np.log(lv) + 1.1) / (np.sqrt(2) * 2.0))
+    p = np.diff(cdf) / np.sum(np.diff(cdf))
+    freq = np.bincount(np.asarray(n), minlength=10)[:10] / 40000
+    np.testing.assert_allclose(freq, p, atol=0.01)
+
+
+def test_distances(key):
+    x = jax.random.normal(key, (4, 3, 3, 1))
+    y = x + 0.5
+    d = distill.distance(x, y, "pseudo_huber")
+    c = 0.00054 * 3.0
+    np.testing.assert_allclose(d, np.sqrt(9 * 0.25 + c**2) - c, rtol=1e-5)
+    np.testing.assert_allclose(distill.distance(x, y, "l2"), 0.25, rtol=1e-6)
+    np.testing.assert_allclose(distill.distance(x, y, "l1"), 0.5, rtol=1e-6)
+    assert float(jnp.max(distill.distance(x, x))) == 0.0
+    with pytest.raises(ValueError, match="distance must be one of"):
+        distill.distance(x, y, "lpips")
+
+
+# ------------------------------------------------------------------ reflow
+def test_reflow_pairs_are_exact_ode_couplings(x64, key):
+    """Pairs from the exact denoiser's ODE sampler encode back (forward ODE) to their noise."""
+    gm, process = _mixture(), difflax.Flow()
+    x_T = process.prior_sample(key, (64, 2), jnp.float64)
+    pairs = distill.teacher_trajectories(gm.denoiser(process), process, x_T, steps=400, solver="heun",
+                                         grid="uniform", save_steps=[399])  # the state at t_min
+    np.testing.assert_allclose(pairs["times"], [process.t_min], rtol=1e-12)
+    back = encode(gm.denoiser(process), process, pairs["intermediates"][0], rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(back, pairs["noise"], atol=5e-3)
+
+
+def test_reflow_loss_zero_for_straight_coupling(x64, key):
+    """A translation coupling x0 = z + m has constant velocity -m; the denoiser x_t + t m has zero loss."""
+    m = jnp.array([0.8, -0.3])
+    z = jax.random.normal(key, (64, 2))
+    student = lambda x, t: x + t[:, None] * m
+    loss = distill.reflow_loss(student, z + m, z, jax.random.key(2))
+    assert float(jnp.max(loss)) < 1e-20
+    bent = lambda x, t: x + t[:, None] * m + 0.05 * jnp.sin(x)
+    assert float(jnp.min(distill.reflow_loss(bent, z + m, z, jax.random.key(2)))) > 0
+
+
+def test_straightness():
+    ts = jnp.linspace(1.0, 0.0, 2001)
+    tau = 1.0 - ts
+    straight = jnp.stack([tau, 2 * tau], axis=1)[:, None, :]  # constant speed along a line
+    assert float(distill.straightness(straight, ts)[0]) < 1e-6
+    quadratic = (tau**2)[:, None, None]  # straight path, uneven speed: S = int (2 tau - 1)^2 = 1/3
+    np.testing.assert_allclose(distill.straightness(quadratic, ts)[0], 1 / 3, rtol=1e-3)
+
+
+# ------------------------------------------------------------------ guidance distillation
+def test_guidance_distillation_loss_zero_for_the_guided_teacher(x64, key):
+    gm, process = _mixture(), difflax.VP()
+    cond = gm.conditional_denoiser(process)
+    null = 2  # the mixture has classes 0 and 1
+
+    def teacher(x, t, y):
+        uncond = gm.denoiser(process)(x, t)
+        return jnp.where((y == null)[:, None], uncond, cond(x, t, jnp.minimum(y, 1)))
+
+    def exact_student(x, t, w):
+        y = jnp.tile(jnp.array([0, 1]), x.shape[0] // 2)
+        return (1 + w[:, None]) * cond(x, t, y) - w[:, None] * gm.denoiser(process)(x, t)
+
+    x0, _ = gm.sample(key, 32)
+    y = jnp.tile(jnp.array([0, 1]), 16)
+    t = jnp.linspace(0.05, 0.95, 32)
+    loss = distill.guidance_distillation_loss(exact_student, teacher, y, process, x0, t, key, null=null)
+    assert float(jnp.max(loss)) < 1e-20
+    unguided = lambda x, t, w: cond(x, t, y)
+    assert float(jnp.mean(distill.guidance_distillation_loss(unguided, teacher, y, process, x0, t, key,
+                                                             null=null))) > 1e-4
+
+
+# ------------------------------------------------------------------ DMD
+def test_dmd_generator_gradient(x64, key):
+    """dL/dx is the normalized denoiser difference, and vanishes when the fake model equals the real one."""
+    gm, process = _mixture(), difflax.EDM()
+    real = gm.denoiser(process)
+    other = GaussianMixture.isotropic(gm.means + 0.3, 0.3).denoiser(process)
+    x = gm.sample(key, 16)[0]
+    grad = jax.grad(lambda x: jnp.sum(distill.dmd_generator_loss(x, real, other, process, jax.random.key(4))))(x)
+    k_t, k_eps = jax.random.split(jax.random.key(4))
+    lo, hi = process.t_min + 0.02 * (process.t_max - process.t_min), process.t_min + 0.98 * (
+        process.t_max - process.t_min)
+    t = jax.random.uniform(k_t, (16,), x.dtype, lo, hi)
+    x_t = process.marginal(x, t, jax.random.normal(k_eps, x.shape, x.dtype))
+    expected = (other(x_t, t) - real(x_t, t)) / jnp.mean(jnp.abs(x - real(x_t, t)), axis=1, keepdims=True)
+    np.testing.assert_allclose(grad, expected, rtol=1e-10)
+    same = jax.grad(lambda x: jnp.sum(distill.dmd_generator_loss(x, real, real, process, key)))(x)
+    assert float(jnp.max(jnp.abs(same))) == 0.0
+    fake_loss = distill.dmd_fake_loss(real, process, x, key, weighting="simple")
+    assert fake_loss.shape == (16,) and bool(jnp.all(fake_loss >= 0))
+
+
+# ------------------------------------------------------------------ trajectories
+def test_teacher_trajectories_roundtrip(tmp_path, key):
+    gm, process = _mixture(), difflax.VP()
+    x_T = process.prior_sample(key, (5, 2))
+    data = distill.teacher_trajectories(gm.denoiser(process), process, x_T, steps=10, save_steps=[0, 4, 10])
+    full, info = difflax.sample(gm.denoiser(process), process, x_T, solver="ddim", steps=10, return_trajectory=True)
+    np.testing.assert_allclose(data["intermediates"][1], info["trajectory"][4], rtol=1e-6)
+    np.testing.assert_allclose(data["intermediates"][0], x_T)
+    np.testing.assert_allclose(data["x0"], full)
+    path = distill.save_trajectories(str(tmp_path / "traj"), data)
+    assert [p.name for p in tmp_path.iterdir()] == ["traj.npz"]  # no temporary file left behind
+    back = distill.load_trajectories(path)
+    for k in data:
+        np.testing.assert_allclose(back[k], data[k])
+    with pytest.raises(ValueError, match="save_steps must lie in"):
+        distill.teacher_trajectories(gm.denoiser(process), process, x_T, steps=10, save_steps=[11])
+    with pytest.raises(FileNotFoundError):
+        distill.load_trajectories(str(tmp_path / "missing"))
+
+
+# ------------------------------------------------------------------ a short distillation run
+def test_short_consistency_distillation_beats_teacher_one_step():
+    """Consistency distillation of the exact toy-grid denoiser into a small MLP, 1-step sliced W2."""
+    import optax
+
+    from difflax.models import MLPResNet
+    from difflax.train.fit import fit
+
+    gm, process = toy_mixture("grid"), difflax.EDM(sigma_data=1.0, t_max=20.0)
+    teacher = gm.denoiser(process)
+    model = MLPResNet(features=64, num_blocks=2, embedding="fourier", fourier_scale=1.0)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros((1,)))["params"]
+
+    def f(p):
+        return distill.consistency_function(lambda x, c: model.apply({"params": p}, x, c), process)
+
+    def loss_fn(p, batch, k, state):
+        loss = distill.consistency_loss(f(p), f(state.ema_params), process, batch["x"], k, num_levels=18,
+                                        max_levels=18, teacher=teacher)
+        return jnp.mean(loss), {}
+
+    @jax.jit
+    def batches(step):
+        return {"x": gm.sample(jax.random.fold_in(jax.random.key(1), step), 128)[0]}
+
+    state, history = fit(loss_fn, params, optax.adam(2e-3), batches, 300, key=jax.random.key(2), ema=0.9)
+    assert history[-1]["loss"] < history[0]["loss"]
+    x_T = process.prior_sample(jax.random.key(3), (2000, 2))
+    data = gm.sample(jax.random.key(4), 2000)[0]
+    student, _ = distill.consistency_sample(f(state.params), process, x_T, key=None, ts=jnp.array([20.0]))
+    one_step, _ = difflax.sample(teacher, process, x_T, solver="euler", steps=1)
+    sw_student = float(sliced_wasserstein(student, data, key=jax.random.key(5)))
+    sw_teacher = float(sliced_wasserstein(one_step, data, key=jax.random.key(5)))
+    assert sw_student < 0.5 * sw_teacher, (sw_student, sw_teacher)
