@@ -26,7 +26,9 @@ Problems:
    eps-prediction :class:`~difflax.models.MLPResNet` (``--target-features``, ``--target-blocks``)
    trained here for ``--train-steps`` steps. Drafts (``--draft``, comma-separated):
    ``frozen``; ``small``: a small MLPResNet (``--draft-features``, ``--draft-blocks``)
-   trained the same way on the same data (a cheap network, not a distilled one); ``target``:
+   trained the same way on the same data (a cheap network, not a distilled one); ``distilled``:
+   the same small network distilled from the target (its eps prediction regresses the
+   target's at the same noisy input, the error that decides acceptance); ``target``:
    the target itself (every proposal is accepted: the ideal draft); or ``MODULE:FUNCTION``, a
    factory ``FUNCTION(process, target, images) -> denoiser`` that builds any other draft, e.g.
    a student distilled from ``target`` with :mod:`difflax.distill`. As a sanity check the
@@ -37,7 +39,7 @@ the number of calls; the saving in sequential calls turns into wall time where a
 call of ``(K + 1) x batch`` states costs about as much as one of ``batch`` (accelerators at
 small batch, or large networks at batch 1).
 
-    python -m benchmarks.speculative [--problems toy2d,digits] [--steps 100] [--ks 1,2,4,8] [--draft frozen,small]
+    python -m benchmarks.speculative [--problems toy2d,digits] [--steps 100] [--ks 1,2,4,8] [--draft NAMES]
 """
 
 from __future__ import annotations
@@ -166,8 +168,13 @@ def toy2d(args, log):
 # 2. digits
 
 
-def train_denoiser(images, process, features, blocks, steps, batch, seed, log, label):
-    """An eps-prediction MLPResNet trained with the simple loss; returns its denoiser ``(x_t, t) -> x0``."""
+def train_denoiser(images, process, features, blocks, steps, batch, seed, log, label, teacher=None):
+    """An eps-prediction MLPResNet trained with the simple loss; returns its denoiser ``(x_t, t) -> x0``.
+
+    With a ``teacher`` denoiser the network is distilled from it instead: its eps prediction
+    regresses the teacher's at the same ``x_t`` (the draft error that decides acceptance is
+    ``e^lambda |x0_draft - x0_target|``, i.e. the eps error).
+    """
     model = MLPResNet(features=features, num_blocks=blocks)
     apply = lambda params: lambda x, t: model.apply({"params": params}, x, 1000.0 * t)  # step-index scale
     params = model.init(jax.random.key(seed), images[:1], jnp.ones((1,)))["params"]
@@ -179,7 +186,11 @@ def train_denoiser(images, process, features, blocks, steps, batch, seed, log, l
         x0 = data[jax.random.randint(k_i, (batch,), 0, data.shape[0])]
         t = losses.sample_t_uniform(k_t, (batch,), process)
         eps = jax.random.normal(k_e, x0.shape)
-        return losses.denoising_loss(apply(params), process, x0, t, eps, prediction="eps").mean()
+        if teacher is None:
+            return losses.denoising_loss(apply(params), process, x0, t, eps, prediction="eps").mean()
+        x_t = process.marginal(x0, t, eps)
+        target = jax.lax.stop_gradient(difflax.denoiser_to(teacher, process, "eps")(x_t, t))
+        return jnp.mean((apply(params)(x_t, t) - target) ** 2)
 
     @jax.jit
     def train(params, key):
@@ -230,11 +241,26 @@ def digits(args, log):
                 log,
                 "small draft",
             )
+        elif name == "distilled":
+            drafts[name] = train_denoiser(
+                images,
+                process,
+                args.draft_features,
+                args.draft_blocks,
+                args.train_steps,
+                128,
+                args.seed + 3,
+                log,
+                "distilled draft",
+                teacher=target,
+            )
         elif ":" in name:
             module, fn = name.split(":", 1)
             drafts[fn] = getattr(importlib.import_module(module), fn)(process, target, images)
         else:
-            raise SystemExit(f"--draft: unknown draft {name!r}; expected frozen, small, target or MODULE:FUNCTION.")
+            raise SystemExit(
+                f"--draft: unknown draft {name!r}; expected frozen, small, distilled, target or MODULE:FUNCTION."
+            )
     x_T = process.prior_sample(jax.random.key(args.seed), (args.digits_batch, images.shape[1]))
 
     def check(x, ref):
@@ -253,7 +279,9 @@ def main(argv=None):
     parser.add_argument("--toy-batch", type=int, default=1024)
     parser.add_argument("--perturb", type=float, default=0.02, help="toy2d: shift of the perturbed draft's means")
     parser.add_argument("--digits-batch", type=int, default=16)
-    parser.add_argument("--draft", default="frozen,small", help="digits drafts: frozen, small, target, MODULE:FUNCTION")
+    parser.add_argument(
+        "--draft", default="frozen,small,distilled", help="digits drafts: frozen, small, distilled, target, MOD:FN"
+    )
     parser.add_argument("--train-steps", type=int, default=1500)
     parser.add_argument("--target-features", type=int, default=128)
     parser.add_argument("--target-blocks", type=int, default=2)

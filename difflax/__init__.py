@@ -6,7 +6,7 @@ shards, and composes with any model through the denoiser contract
 ``denoise(x_t, t) -> x0_hat``.
 """
 
-from difflax import analytic, guidance, likelihood, losses, parametrization, processes, solvers
+from difflax import analytic, distill, guidance, likelihood, losses, parametrization, processes, solvers
 from difflax.parametrization import Denoiser, as_denoiser, convert, denoiser_to
 from difflax.processes import EDM, VE, VP, DiscreteVP, Flow, SubVP
 from difflax.solvers import make_grid, picard_sample, sample, speculative_sample
@@ -25,6 +25,7 @@ __all__ = [
     "as_denoiser",
     "convert",
     "denoiser_to",
+    "distill",
     "guidance",
     "likelihood",
     "losses",
