@@ -32,6 +32,11 @@ setup(
             "hypothesis>=6.100",
             "scipy>=1.11",
             "ruff>=0.6",
+            # tests/test_notebooks.py executes colabs/*.ipynb; compose.ipynb uses Equinox.
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
+            "equinox>=0.11",
         ],
         "tfds": ["tensorflow-datasets>=4.9.7", "grain>=0.2.2"],
         # CPU torch must be installed first (pip install torch==2.13.0) so that this

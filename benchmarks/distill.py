@@ -102,6 +102,8 @@ def main():
     parser.add_argument("--steps", type=int, default=1500, help="training steps per method (PD: per round)")
     parser.add_argument("--pd-start", type=int, default=32)
     parser.add_argument("--pairs", type=int, default=4096)
+    parser.add_argument("--dmd-time", type=float, default=None, help="DMD generator time (default t_max)")
+    parser.add_argument("--dmd-lr", type=float, default=1e-4)
     parser.add_argument("--num", type=int, default=500, help="samples scored per row")
     parser.add_argument("--methods", default="pd,cd,ct,reflow,dmd,guidance,advkd")
     parser.add_argument("--workdir", default="workdir/distill")
@@ -164,7 +166,8 @@ def main():
             record("reflow", n, sample(student, steps=n), student.seconds, straightness_teacher=before,
                    straightness_student=after)
     if "dmd" in methods:
-        student = students.dmd(teacher, k(4), steps=args.steps)
+        student = students.dmd(teacher, k(4), steps=args.steps, learning_rate=args.dmd_lr,
+                               generator_time=args.dmd_time)
         record("DMD", 1, sample(student), student.seconds)
     if "guidance" in methods and teacher.num_classes is not None:
         w = 1.0

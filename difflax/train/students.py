@@ -341,11 +341,13 @@ def guidance(teacher: Network, data, key, *, sample_t: Callable, steps: int = 10
 # ------------------------------------------------------------------ distribution matching distillation
 def dmd(teacher: Network, key, *, steps: int = 1000, batch_size: int = 64, learning_rate: float = 1e-4,
         num_pairs: int = 1024, pair_solver: str = "heun", pair_steps: int = 18, regression_weight: float = 0.25,
-        fake_weighting: str = "edm", seed: int = 0) -> Student:
+        fake_weighting: str = "edm", generator_time: float | None = None, seed: int = 0) -> Student:
     """Distribution matching distillation (Yin et al. 2024) into a one-step generator.
 
-    The generator is the teacher's network evaluated once at ``t_max``
-    (``G(z) = D(sigma_max z, t_max)``), the fake denoiser a second copy of the teacher; both
+    The generator is the teacher's network evaluated once, ``G(x_T) = D(x_T sigma(t_g) / sigma(t_max), t_g)``
+    with ``t_g = generator_time`` (default ``t_max``; an EDM teacher is poor at ``sigma = 80``,
+    a level its log-normal training rarely visits, so a lower ``t_g`` gives a better start), the
+    fake denoiser a second copy of the teacher; both
     train with one loss (see :mod:`difflax.train.fit`): the distribution-matching gradient,
     the fake denoiser's denoising loss, and ``regression_weight`` times the L2 regression to
     ``num_pairs`` teacher (noise, sample) pairs.
@@ -358,9 +360,11 @@ def dmd(teacher: Network, key, *, steps: int = 1000, batch_size: int = 64, learn
     ref = jax.jit(lambda x, yy: distill.teacher_trajectories(
         teacher.denoiser(teacher.params, yy), process, x, steps=pair_steps, solver=pair_solver))(x_ref, y_ref)
     t_max = jnp.asarray(process.t_max, jnp.float32)
+    t_g = t_max if generator_time is None else jnp.asarray(generator_time, jnp.float32)
+    scale = process.sigma(t_g) / process.sigma(t_max)
 
-    def generate(p, z_scaled, y):
-        return teacher.denoiser(p, y)(z_scaled, jnp.full((z_scaled.shape[0],), t_max))
+    def generate(p, x_T, y):
+        return teacher.denoiser(p, y)(scale * x_T, jnp.full((x_T.shape[0],), t_g))
 
     def batches(step):
         idx = jax.random.randint(jax.random.fold_in(jax.random.key(seed), step), (batch_size,), 0, num_pairs)
