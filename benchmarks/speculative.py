@@ -229,7 +229,7 @@ def digits(args, log):
             drafts[name] = "frozen"
         elif name == "target":
             drafts[name] = target
-        elif name == "small":
+        elif name in ("small", "distilled"):  # the same small network, trained on data or distilled
             drafts[name] = train_denoiser(
                 images,
                 process,
@@ -237,22 +237,10 @@ def digits(args, log):
                 args.draft_blocks,
                 args.train_steps,
                 128,
-                args.seed + 2,
+                args.seed + (2 if name == "small" else 3),
                 log,
-                "small draft",
-            )
-        elif name == "distilled":
-            drafts[name] = train_denoiser(
-                images,
-                process,
-                args.draft_features,
-                args.draft_blocks,
-                args.train_steps,
-                128,
-                args.seed + 3,
-                log,
-                "distilled draft",
-                teacher=target,
+                f"{name} draft",
+                teacher=target if name == "distilled" else None,
             )
         elif ":" in name:
             module, fn = name.split(":", 1)

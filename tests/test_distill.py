@@ -212,9 +212,9 @@ def test_dmd_generator_gradient(x64, key):
     x = gm.sample(key, 16)[0]
     grad = jax.grad(lambda x: jnp.sum(distill.dmd_generator_loss(x, real, other, process, jax.random.key(4))))(x)
     k_t, k_eps = jax.random.split(jax.random.key(4))
-    lo, hi = process.t_min + 0.02 * (process.t_max - process.t_min), process.t_min + 0.98 * (
-        process.t_max - process.t_min)
-    t = jax.random.uniform(k_t, (16,), x.dtype, lo, hi)
+    lam_lo, lam_hi = process.log_snr(process.t_max), process.log_snr(process.t_min)
+    lam = jax.random.uniform(k_t, (16,), x.dtype, lam_lo + 0.02 * (lam_hi - lam_lo), lam_lo + 0.98 * (lam_hi - lam_lo))
+    t = process.t_from_log_snr(lam)
     x_t = process.marginal(x, t, jax.random.normal(k_eps, x.shape, x.dtype))
     expected = (other(x_t, t) - real(x_t, t)) / jnp.mean(jnp.abs(x - real(x_t, t)), axis=1, keepdims=True)
     np.testing.assert_allclose(grad, expected, rtol=1e-10)

@@ -10,8 +10,8 @@ samples, normalizing per example by ``mean |x - D_real(x_t)|`` (eq. 8):
     g = (D_fake(x_t, t) - D_real(x_t, t)) / mean|x - D_real(x_t, t)|,   x_t = alpha_t x + sigma_t eps,
     L_G = 1/2 |x - stop_gradient(x - g)|^2     (so dL_G/dx = g),
 
-with ``t`` uniform in ``[0.02, 0.98]`` of the time range. The fake denoiser minimizes the
-ordinary denoising loss on ``stop_gradient(G(z))``. DMD adds a regression loss on
+with ``t`` drawn with log-SNR uniform on ``[0.02, 0.98]`` of the process's log-SNR range. The fake
+denoiser minimizes the ordinary denoising loss on ``stop_gradient(G(z))``. DMD adds a regression loss on
 (noise, teacher sample) pairs (:func:`difflax.distill.teacher_trajectories`) to prevent
 mode collapse; the paper uses LPIPS, difflax an L2 distance (:func:`dmd_regression_loss`).
 Diff-Instruct (Luo et al. 2023) is the same generator gradient without normalization or
@@ -23,15 +23,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from difflax.losses import denoising_loss
+from difflax.losses import denoising_loss, sample_t_logsnr_uniform
 
 __all__ = ["dmd_fake_loss", "dmd_generator_loss", "dmd_regression_loss"]
 
 
 def _sample_t(key, batch, process, t_range, dtype):
-    lo = process.t_min + t_range[0] * (process.t_max - process.t_min)
-    hi = process.t_min + t_range[1] * (process.t_max - process.t_min)
-    return jax.random.uniform(key, (batch,), dtype, lo, hi)
+    """``t`` with log-SNR uniform on the ``t_range`` fractions of the process's log-SNR range
+    (for a VP process close to DMD's uniform timesteps in ``[0.02 T, 0.98 T]``; for EDM or VE,
+    uniform time would put almost every sample at the highest noise levels)."""
+    lo = process.log_snr(jnp.asarray(process.t_max, dtype))
+    hi = process.log_snr(jnp.asarray(process.t_min, dtype))
+    return sample_t_logsnr_uniform(key, (batch,), process, lo + t_range[0] * (hi - lo), lo + t_range[1] * (hi - lo),
+                                   dtype=dtype)
 
 
 def dmd_generator_loss(x, real, fake, process, key, *, t_range=(0.02, 0.98), normalize: bool = True):
@@ -57,7 +61,7 @@ def dmd_fake_loss(fake, process, x, key, *, weighting: str = "edm", prediction: 
     """Per-example denoising loss of the fake denoiser on generated samples ``stop_gradient(x)``.
 
     ``fake`` is a denoiser; the loss weighs its ``x0`` error (:func:`difflax.losses.denoising_loss`)
-    with ``t`` uniform over the process's range.
+    with log-SNR uniform over the process's range.
     """
     k_t, k_eps = jax.random.split(key)
     x = jax.lax.stop_gradient(x)

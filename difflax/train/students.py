@@ -36,6 +36,7 @@ __all__ = [
     "optimizer",
     "progressive",
     "reflow",
+    "teacher_pairs",
 ]
 
 
@@ -116,6 +117,17 @@ def _data_batches(data, batch_size, seed, extra=None):
 
 def _prior(process, key, shape):
     return process.prior_sample(key, shape)
+
+
+def teacher_pairs(teacher: Network, key, num: int, solver: str = "heun", steps: int = 18) -> dict:
+    """``num`` (noise, sample) pairs of the teacher's sampler from its prior, with balanced random labels
+    ``"y"`` for a conditional teacher (:func:`difflax.distill.teacher_trajectories`)."""
+    k_noise, k_label = jax.random.split(key)
+    x_T = _prior(teacher.process, k_noise, (num, *teacher.example_shape))
+    y = teacher.labels(k_label, num)
+    pairs = jax.jit(lambda x, yy: distill.teacher_trajectories(
+        teacher.denoiser(teacher.params, yy), teacher.process, x, steps=steps, solver=solver))(x_T, y)
+    return pairs if y is None else {**pairs, "y": y}
 
 
 # ------------------------------------------------------------------ progressive distillation
@@ -244,15 +256,9 @@ def reflow(teacher: Network, key, *, num_pairs: int = 4096, pair_solver: str = "
     """
     process = teacher.process
     flow = flow_of(process)
-    k_noise, k_label, k_fit = jax.random.split(key, 3)
-    shape = teacher.example_shape
-    x_T = _prior(process, k_noise, (num_pairs, *shape))
-    y = teacher.labels(k_label, num_pairs)
-    pairs = jax.jit(lambda x, yy: distill.teacher_trajectories(
-        teacher.denoiser(teacher.params, yy), process, x, steps=pair_steps, solver=pair_solver))(x_T, y)
+    k_pairs, k_fit = jax.random.split(key)
+    pairs = teacher_pairs(teacher, k_pairs, num_pairs, pair_solver, pair_steps)
     pairs = {**pairs, "z": pairs["noise"] / process.sigma(jnp.asarray(process.t_max, jnp.float32))}
-    if y is not None:
-        pairs["y"] = y
     if pairs_path is not None:
         distill.save_trajectories(pairs_path, pairs)
 
@@ -353,12 +359,10 @@ def dmd(teacher: Network, key, *, steps: int = 1000, batch_size: int = 64, learn
     ``num_pairs`` teacher (noise, sample) pairs.
     """
     process = teacher.process
-    k_noise, k_label, k_fit = jax.random.split(key, 3)
     shape = teacher.example_shape
-    x_ref = _prior(process, k_noise, (num_pairs, *shape))
-    y_ref = teacher.labels(k_label, num_pairs)
-    ref = jax.jit(lambda x, yy: distill.teacher_trajectories(
-        teacher.denoiser(teacher.params, yy), process, x, steps=pair_steps, solver=pair_solver))(x_ref, y_ref)
+    k_pairs, k_fit = jax.random.split(key)
+    ref = teacher_pairs(teacher, k_pairs, num_pairs, pair_solver, pair_steps)
+    y_ref = ref.get("y")
     t_max = jnp.asarray(process.t_max, jnp.float32)
     t_g = t_max if generator_time is None else jnp.asarray(generator_time, jnp.float32)
     scale = process.sigma(t_g) / process.sigma(t_max)
