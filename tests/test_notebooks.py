@@ -31,7 +31,8 @@ def _images(nb):
 
 def test_there_are_notebooks():
     names = {p.name for p in NOTEBOOKS}
-    for expected in ("solvers.ipynb", "likelihood.ipynb", "compose.ipynb", "distillation.ipynb"):
+    for expected in ("quickstart.ipynb", "solvers.ipynb", "guidance.ipynb", "likelihood.ipynb", "compose.ipynb",
+                     "distillation.ipynb"):
         assert expected in names, f"colabs/{expected} is missing"
 
 
