@@ -72,12 +72,10 @@ def progressive_loss(student, teacher, process, x0, key, teacher_ts, *, weightin
     Returns:
       ``(batch,)`` losses ``w(t) * mean((x_tilde - student(z_t, t))^2)``.
     """
-    steps = teacher_ts.shape[0] - 1
-    if steps % 2:
-        raise ValueError(f"teacher_ts must have an even number of steps; got {steps}.")
+    steps = student_grid(teacher_ts).shape[0] - 1  # checks that the teacher's steps pair up
     k_i, k_eps = jax.random.split(key)
     batch = x0.shape[0]
-    i = 2 * jax.random.randint(k_i, (batch,), 0, steps // 2)
+    i = 2 * jax.random.randint(k_i, (batch,), 0, steps)
     t, t_mid, t_next = teacher_ts[i], teacher_ts[i + 1], teacher_ts[i + 2]
     eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
     z = process.marginal(x0, t, eps)

@@ -14,6 +14,7 @@ player's own gradient.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -103,7 +104,7 @@ def fit(
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             history.append({"step": done, "seconds": time.perf_counter() - start, **metrics})
             last = {"loss": metrics["loss"]}
-            if not all(map(jnp.isfinite, metrics.values())):
+            if not all(map(math.isfinite, metrics.values())):
                 raise FloatingPointError(f"{desc}: non-finite metrics at step {done}: {metrics}")
         if checkpointer is not None and save_every and done % save_every == 0 and done != steps:
             checkpointer.save(done, state, {"step": done}, metrics=last or None)
