@@ -3,7 +3,7 @@
 On ``--data digits`` (the default recipe, ``configs/digits.py``: a class-conditional EDM
 U-Net) or ``--data toy2d`` (``configs/toy2d_edm.py``: the 5x5 Gaussian grid, an EDM-preconditioned MLP), the
 teacher is trained in ``--workdir`` (or restored from there), then every method of
-:mod:`difflax.train.students` is trained from it:
+:mod:`difflax.train.distill` is trained from it:
 
 * progressive distillation from ``--pd-start`` DDIM steps down to 4 (and the rounds in between),
 * consistency distillation (Heun teacher, 18 levels, pseudo-Huber, target EMA 0.95) and
@@ -41,7 +41,8 @@ import numpy as np
 import difflax
 from difflax import distill
 from difflax.data import load_digits, make_dataset
-from difflax.train import Trainer, builders, students
+from difflax.train import Trainer, builders
+from difflax.train import distill as students
 
 TEACHER_BASELINES = [  # (solver, steps) -> NFE: euler/ddim 1 per step, heun 2 per step - 1, dpmpp_2m 1 per step
     ("euler", 1), ("euler", 2), ("heun", 2), ("euler", 4), ("dpmpp_2m", 2), ("dpmpp_2m", 4), ("heun", 3),

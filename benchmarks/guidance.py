@@ -41,7 +41,7 @@ import difflax
 from difflax import guidance as G
 from difflax.analytic import GaussianMixture
 from difflax.solvers import get_solver
-from difflax.solvers.base import init_state
+from difflax.solvers.base import Step
 
 NUM_CLASSES = 3
 NULL = NUM_CLASSES
@@ -88,21 +88,24 @@ def bench_cost(batch, dim, hidden, depth, repeats):
     x = jax.random.normal(jax.random.key(1), (batch, dim))
     solver = get_solver("ddim")
 
+    def ddim(denoise, x, t, t_next):
+        return solver.step(denoise, process, x, solver.init(process, x), Step(t, t_next, jnp.int32(0), 1, None))[0]
+
     def step(denoise):
         @jax.jit
         def one_step(x, t, t_next, scale):
             del scale  # (only closed over by the guided denoisers)
-            return solver.step(denoise, process, init_state(x, None), t, t_next).x
+            return ddim(denoise, x, t, t_next)
 
         return one_step
 
     def batched(x, t, t_next, scale):
         d = G.cfg(net, y, scale, null=NULL)
-        return solver.step(d, process, init_state(x, None), t, t_next).x
+        return ddim(d, x, t, t_next)
 
     def separate(x, t, t_next, scale):
         d = G.cfg_separate(lambda x, t: net(x, t, y), lambda x, t: net(x, t, jnp.full_like(y, NULL)), scale)
-        return solver.step(d, process, init_state(x, None), t, t_next).x
+        return ddim(d, x, t, t_next)
 
     args = (x, jnp.float32(0.5), jnp.float32(0.45), jnp.float32(3.0))
     fns = {"cfg_batched": jax.jit(batched), "cfg_separate": jax.jit(separate),

@@ -75,8 +75,8 @@ import difflax  # noqa: E402
 from difflax.analytic import GaussianMixture  # noqa: E402
 from difflax.solvers import SOLVERS, get_solver, make_grid, optimize_grid, to_edm  # noqa: E402
 from difflax.solvers.base import call  # noqa: E402
+from difflax.solvers.edm_coordinates import edm_sigma  # noqa: E402
 from difflax.solvers.optimize import reference_trajectory  # noqa: E402
-from difflax.solvers.scaling import edm_sigma  # noqa: E402
 
 N_TRAIN = 1000
 NFES = (5, 10, 20, 50)

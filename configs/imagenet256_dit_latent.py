@@ -42,7 +42,7 @@ def get_config():
     config.model.kwargs = ml_collections.ConfigDict(
         {
             "size": "XL/2",  # depth 28, hidden 1152, 16 heads, patch 2 (difflax.models.dit_config)
-            "learn_sigma": False,  # DiT learns variances; the trainer's eps loss needs a C-channel output
+            "learn_sigma": False,  # DiT learns variances; no loss of the trainer trains a variance half
             "embedding": "positional",  # sinusoidal timestep embedding
             "frequency_dim": 256,
             "max_period": 10_000.0,

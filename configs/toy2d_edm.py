@@ -4,7 +4,7 @@
 
 Same data and MLP as ``configs/toy2d.py``, but the network is EDM-preconditioned
 (Karras et al. 2022) with ``sigma_data = 1``, so every distillation method of
-:mod:`difflax.train.students` (consistency models included) can start from it.
+:mod:`difflax.train.distill` (consistency models included) can start from it.
 """
 
 import ml_collections

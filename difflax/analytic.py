@@ -33,8 +33,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
+from difflax import pytree
 from difflax.processes import Process
 
 Array = jax.Array
@@ -47,7 +47,7 @@ def _as_float(a):
     return a if jnp.issubdtype(a.dtype, jnp.floating) else a.astype(jnp.result_type(float))
 
 
-@struct.dataclass
+@pytree.dataclass
 class GaussianMixture:
     """A mixture of ``K`` Gaussians in ``D = prod(event_shape)`` dimensions.
 
@@ -68,8 +68,8 @@ class GaussianMixture:
     eigvals: Array
     eigvecs: Array | None = None
     labels: Array | None = None
-    num_classes: int = struct.field(pytree_node=False, default=0)
-    event_shape: tuple = struct.field(pytree_node=False, default=())
+    num_classes: int = pytree.field(static=True, default=0)
+    event_shape: tuple = pytree.field(static=True, default=())
 
     # ------------------------------------------------------------------ construction
     @classmethod

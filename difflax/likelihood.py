@@ -60,6 +60,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from difflax.checks import check_choice, check_positive_int
 from difflax.solvers.adaptive import check_method, flow_coordinates, pf_ode, solve_ode, time_from_r
 from difflax.solvers.base import call
 
@@ -134,12 +135,9 @@ def log_likelihood(
     """
     x = _check_x(x)
     check_method(method)
-    if divergence not in _DIVERGENCES:
-        raise ValueError(f"divergence must be one of {', '.join(map(repr, _DIVERGENCES))}; got {divergence!r}.")
-    if noise not in _NOISES:
-        raise ValueError(f"noise must be one of {', '.join(map(repr, _NOISES))}; got {noise!r}.")
-    if not isinstance(probes, int) or probes < 1:
-        raise ValueError(f"probes must be a positive int; got {probes!r}.")
+    check_choice(divergence, _DIVERGENCES, "divergence")
+    check_choice(noise, _NOISES, "noise")
+    check_positive_int(probes, "probes")
     if divergence == "hutchinson" and key is None:
         raise ValueError("divergence='hutchinson' draws random probes; pass key=jax.random.key(...).")
 
@@ -201,8 +199,7 @@ def bits_per_dim(logp, dim: int, num_bins: int = 256, data_range: float = 2.0):
     8-bit data on ``[-1, 1]``). ``logp`` should be the density of uniformly
     dequantized data (:func:`dequantize`), which lower-bounds the discrete likelihood.
     """
-    if not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim must be a positive int (values per example); got {dim!r}.")
+    check_positive_int(dim, "dim (values per example)")
     if num_bins < 2 or data_range <= 0:
         raise ValueError(f"need num_bins >= 2 and data_range > 0; got {num_bins!r}, {data_range!r}.")
     return -jnp.asarray(logp) / (dim * math.log(2.0)) + math.log2(num_bins / data_range)

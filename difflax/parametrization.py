@@ -29,6 +29,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from difflax.checks import check_choice
 from difflax.processes import Process, broadcast_to
 
 Array = jax.Array
@@ -53,9 +54,8 @@ __all__ = [
 
 
 def check_prediction(prediction: str, allowed=PREDICTIONS, name: str = "prediction") -> str:
-    if prediction not in allowed:
-        raise ValueError(f"Unknown {name} {prediction!r}; expected one of {', '.join(map(repr, allowed))}.")
-    return prediction
+    """``prediction`` if it is one of ``allowed`` (the predictions above); else a ``ValueError`` listing them."""
+    return check_choice(prediction, allowed, name)
 
 
 def _needs_derivatives(d_alpha, d_sigma):
@@ -143,7 +143,7 @@ def preconditioning(kind: str, sigma, sigma_data=0.5, *, beta_d=19.9, beta_min=0
     ``c_noise = ln(sigma / 2)``. ``sigma`` is the noise level of the scaled variable
     ``x_t / alpha``, i.e. ``sigma / alpha`` of the process.
     """
-    check_prediction(kind, PRECONDITIONINGS, name="preconditioning")
+    check_choice(kind, PRECONDITIONINGS, "preconditioning")
     sigma = jnp.asarray(sigma, dtype=jnp.result_type(sigma, float))
     if kind == "edm":
         total = sigma**2 + sigma_data**2

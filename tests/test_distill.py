@@ -19,6 +19,12 @@ def _mixture():
 
 
 # ------------------------------------------------------------------ progressive distillation
+def _ddim(process, z, t, s, x0_hat):
+    """DDIM from ``t`` to ``s`` (per-example times): ``alpha_s x0 + (sigma_s / sigma_t)(z - alpha_t x0)``."""
+    (a_t, s_t), (a_s, s_s) = process.alpha_sigma(t), process.alpha_sigma(s)
+    return a_s[:, None] * x0_hat + (s_s / s_t)[:, None] * (z - a_t[:, None] * x0_hat)
+
+
 @pytest.mark.parametrize("process", [difflax.VP(), difflax.EDM()], ids=["vp", "edm"])
 def test_progressive_target_reproduces_two_teacher_steps(x64, process):
     """One student DDIM step with x0 = x_tilde lands exactly where two teacher DDIM steps land."""
@@ -29,10 +35,10 @@ def test_progressive_target_reproduces_two_teacher_steps(x64, process):
     for i in (0, 2, 6):  # i = 6 ends in the exact-zero final time
         t, t_mid, t_next = (jnp.full((16,), ts[j]) for j in (i, i + 1, i + 2))
         z = process.marginal(gm.sample(key, 16)[0], t, jax.random.normal(key, (16, 2)))
-        two = distill.ddim_step(process, z, t, t_mid, teacher(z, t))
-        two = distill.ddim_step(process, two, t_mid, t_next, teacher(two, t_mid))
+        two = _ddim(process, z, t, t_mid, teacher(z, t))
+        two = _ddim(process, two, t_mid, t_next, teacher(two, t_mid))
         target = distill.progressive_target(teacher, process, z, t, t_mid, t_next)
-        one = distill.ddim_step(process, z, t, t_next, target)
+        one = _ddim(process, z, t, t_next, target)
         np.testing.assert_allclose(one, two, rtol=1e-9, atol=1e-9)
 
 
@@ -48,6 +54,33 @@ def test_progressive_loss_zero_iff_student_matches(x64, key):
     assert float(jnp.min(distill.progressive_loss(worse, teacher, process, x0, key, ts))) > 1e-5
     with pytest.raises(ValueError, match="even number of steps"):
         distill.progressive_loss(teacher, teacher, process, x0, key, ts[:-1])
+
+
+@pytest.mark.parametrize("process,grid", [(difflax.VP(), "logsnr"), (difflax.EDM(), "karras")], ids=["vp", "edm"])
+def test_progressive_loss_weighting_is_truncated_snr(x64, key, process, grid):
+    """The loss of a known perturbed student, example by example: ``max(SNR(t), 1) delta(t)^2``.
+
+    For a point mass the target is the point itself (DDIM is exact), so a student that is off by
+    ``delta(t) = 0.01 (1 + t)`` in every coordinate has loss ``w(t) delta(t)^2`` at the start time
+    ``t`` of its step, one of the even teacher times; ``w = max(alpha^2 / sigma^2, 1)`` is computed
+    here from ``alpha`` and ``sigma``. The grids put steps on both sides of SNR = 1.
+    """
+    point = jnp.array([0.7, -0.4])
+    teacher = lambda x, t: jnp.broadcast_to(point, x.shape)
+    delta = lambda t: 0.01 * (1.0 + t)
+    student = lambda x, t: teacher(x, t) + delta(t)[:, None]
+    x0 = jnp.broadcast_to(point, (64, 2))
+    ts = difflax.make_grid(grid, process, 8)
+    loss = np.asarray(distill.progressive_loss(student, teacher, process, x0, key, ts))
+    starts = ts[:-1:2]  # a student step starts at an even teacher time
+    alpha, sigma = (np.asarray(a) for a in process.alpha_sigma(starts))
+    snr = alpha**2 / sigma**2
+    closed_form = np.maximum(snr, 1.0) * np.asarray(delta(starts)) ** 2
+    assert np.min(np.abs(np.log(closed_form[:, None] / closed_form[None])) + np.eye(4)) > 1e-3  # distinct
+    match = np.abs(loss[:, None] / closed_form[None] - 1) < 1e-9
+    assert np.all(match.sum(1) == 1), (loss, closed_form)  # every example has one closed-form loss
+    used = match.any(0)
+    assert used[snr > 1].any() and used[snr < 1].any(), snr  # both branches of the max
 
 
 # ------------------------------------------------------------------ consistency models
@@ -93,6 +126,40 @@ def test_consistency_distillation_target_is_the_exact_ode_endpoint(x64, key):
     loss_ct = distill.consistency_loss(f_star, f_star, process, x0, key, **kw)
     assert float(jnp.max(loss_cd)) < 1e-3
     assert float(jnp.mean(loss_cd)) < 0.01 * float(jnp.mean(loss_ct))
+
+
+@pytest.mark.parametrize("process", [difflax.EDM(), difflax.VP()], ids=["edm", "vp"])
+def test_consistency_training_fixed_point_is_the_exact_flow_map(x64, key, process):
+    """Consistency training's loss vanishes at the exact consistency function of a point mass.
+
+    For data at a point ``p`` the denoiser is ``p``, so in the scaled variables the probability-flow
+    ODE ``dy/ds = (y - p) / s`` has straight paths ``y(s) = p + s z``: CT's pair ``(x0 + s_{n+1} z,
+    x0 + s_n z)`` lies on one path, and ``f*(x, t) = p + (s_min / s)(x / alpha - p)`` maps both to
+    ``p + s_min z``. In the family ``f_theta = p + (s_min / s)^theta (y - p)`` (each satisfying the
+    boundary condition) the loss is zero at ``theta = 1`` with zero gradient, and positive elsewhere.
+    """
+    point = jnp.array([0.7, -0.4])
+    s_min = process.sigma(process.t_min) / process.alpha(process.t_min)
+
+    def family(theta):
+        def f(x, t):
+            alpha, sigma = process.alpha_sigma(t)
+            return point + (s_min / (sigma / alpha))[:, None] ** theta * (x / alpha[:, None] - point)
+
+        return f
+
+    x0 = jnp.broadcast_to(point, (64, 2))
+    settings = [
+        dict(num_levels=18, max_levels=18),
+        dict(num_levels=150, max_levels=200, noise="lognormal", weighting="inverse_gap", distance_kind="l2"),
+    ]
+    for kw in settings:
+        loss = lambda theta: distill.consistency_loss(family(theta), family(theta), process, x0, key, **kw)
+        assert float(jnp.max(loss(1.0))) < 1e-20
+        grad = jax.grad(lambda theta: jnp.mean(loss(theta)))(1.0)
+        assert abs(float(grad)) < 1e-10
+        for theta in (0.9, 1.1):
+            assert float(jnp.min(loss(theta))) > 0 and float(jnp.mean(loss(theta))) > 1e-9, (kw, theta)
 
 
 def test_consistency_sample_with_exact_map_is_exact(x64, key):
@@ -170,6 +237,29 @@ def test_reflow_loss_zero_for_straight_coupling(x64, key):
     assert float(jnp.min(distill.reflow_loss(bent, z + m, z, jax.random.key(2)))) > 0
 
 
+@pytest.mark.parametrize("weighting", ["simple", "edm"])
+def test_reflow_loss_closed_form_on_a_curved_coupling(x64, key, weighting):
+    """A coupling that is not a translation and a student off by a known velocity error.
+
+    ``x0 = 0.5 z^3 + sin(z)`` couples data and noise non-linearly. For the flow interpolant
+    ``x_t = (1 - t) x0 + t z`` a denoiser ``D = x_t - t (u + e)`` has velocity ``(x_t - D) / t =
+    u + e``, with ``u = z - x0`` the target. With ``e = delta / sqrt(w(t))`` the loss is
+    ``mean(delta^2)`` per example for every ``t``: ``w = 1`` ("simple") or, for "edm", the eps weight
+    ``1 + sigma^2 / (alpha^2 sd^2)`` times ``(d eps / d v)^2 = alpha^2``, i.e. ``(1 - t)^2 + t^2 / sd^2``
+    (derived here: ``eps = x_t + (1 - t) v`` at fixed ``x_t``; ``sd = 0.5``).
+    """
+    z = jax.random.normal(key, (64, 2))
+    x0 = 0.5 * z**3 + jnp.sin(z)
+    delta = jax.random.normal(jax.random.key(3), (64, 2))
+    weight = {"simple": lambda t: jnp.ones_like(t), "edm": lambda t: (1 - t) ** 2 + t**2 / 0.25}[weighting]
+    student = lambda x, t: x - t[:, None] * (z - x0 + delta / jnp.sqrt(weight(t))[:, None])
+    loss = distill.reflow_loss(student, x0, z, jax.random.key(2), weighting=weighting)
+    np.testing.assert_allclose(loss, jnp.mean(delta**2, axis=1), rtol=1e-10)
+    assert float(jnp.min(loss)) > 1e-3
+    exact = lambda x, t: x - t[:, None] * (z - x0)  # the coupling's own velocity: zero loss
+    assert float(jnp.max(distill.reflow_loss(exact, x0, z, jax.random.key(2), weighting=weighting))) < 1e-20
+
+
 def test_straightness():
     ts = jnp.linspace(1.0, 0.0, 2001)
     tau = 1.0 - ts
@@ -222,6 +312,48 @@ def test_dmd_generator_gradient(x64, key):
     assert float(jnp.max(jnp.abs(same))) == 0.0
     fake_loss = distill.dmd_fake_loss(real, process, x, key, weighting="simple")
     assert fake_loss.shape == (16,) and bool(jnp.all(fake_loss >= 0))
+
+
+def test_dmd_fake_loss_closed_form_on_gaussians(x64, key):
+    """The fake-score loss against closed forms, on Gaussian and point-mass "generated" samples.
+
+    (1) Samples ``x ~ N(mu, sd^2 I)`` with ``sd`` the process's ``sigma_data`` and the fake denoiser
+    exact for that Gaussian: ``D - x0 ~ N(0, v I)`` given ``x_t`` with posterior variance
+    ``v = sd^2 sigma^2 / (alpha^2 sd^2 + sigma^2)``, and the EDM weight ``alpha^2 / sigma^2 + 1 / sd^2`` is
+    ``1 / v``, so every example's loss is ``chi^2_D / D`` whatever its noise level (Karras et al. 2022,
+    the unit loss of the optimal denoiser). (2) A point mass and a fake off by ``delta / sqrt(w(t))``
+    have loss ``mean(delta^2)`` exactly, ``w`` computed here from ``alpha`` and ``sigma``.
+    """
+    from scipy import stats
+
+    process, dim, num = difflax.EDM(), 4, 4000
+    sd = process.sigma_data
+    mu = jnp.array([0.3, -0.2, 0.5, 0.0])
+    gauss = GaussianMixture.isotropic(mu[None], sd)
+    x = gauss.sample(key, num)[0]
+    loss = np.asarray(distill.dmd_fake_loss(gauss.denoiser(process), process, x, jax.random.key(1)))
+    assert loss.shape == (num,)
+    se = np.sqrt(2.0 / (num * dim))  # of the mean of chi^2_D / D over the batch
+    assert abs(loss.mean() - 1.0) < 4 * se, (loss.mean(), se)
+    assert stats.kstest(loss * dim, stats.chi2(dim).cdf).pvalue > 1e-3
+    # the fake of another Gaussian is worse on average
+    other = GaussianMixture.isotropic(mu[None] + 0.3, sd).denoiser(process)
+    assert float(jnp.mean(distill.dmd_fake_loss(other, process, x, jax.random.key(1)))) > 1.1
+
+    point = jnp.broadcast_to(mu, (64, dim))
+    delta = jax.random.normal(jax.random.key(2), (64, dim))
+    for weighting in ("edm", "snr", "simple"):
+        w = {
+            "edm": lambda a, s: a**2 / s**2 + 1 / sd**2,
+            "snr": lambda a, s: a**2 / s**2,
+            "simple": lambda a, s: jnp.ones_like(s),
+        }[weighting]
+
+        def fake(x_t, t, w=w):
+            return mu + delta / jnp.sqrt(w(*process.alpha_sigma(t)))[:, None]
+
+        loss = distill.dmd_fake_loss(fake, process, point, jax.random.key(5), weighting=weighting)
+        np.testing.assert_allclose(loss, jnp.mean(delta**2, axis=1), rtol=1e-10)
 
 
 # ------------------------------------------------------------------ trajectories

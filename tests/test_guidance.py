@@ -12,7 +12,7 @@ import pytest
 import difflax
 from difflax import guidance as G
 from difflax.analytic import GaussianMixture
-from difflax.losses import drop_condition
+from difflax.losses import drop_condition, noisy_classifier_loss
 
 VP = difflax.VP()
 NULL = 3  # null label id of the 3-class mixtures below
@@ -249,7 +249,8 @@ def test_classifier_guidance_sampling_gives_the_class():
 
     x_T = VP.prior_sample(jax.random.key(0), (n, 2))
     guided = G.classifier_guidance(gm.denoiser(VP), VP, log_prob, 1.0)
-    x, _ = jax.jit(lambda k: difflax.sample(guided, VP, x_T, solver="ddpm", steps=40, key=k))(jax.random.key(1))
+    # 100 steps: at 40 the ancestral sampler's own discretization error shrinks the spread by ~8%.
+    x, _ = jax.jit(lambda k: difflax.sample(guided, VP, x_T, solver="ddpm", steps=100, key=k))(jax.random.key(1))
     _, acc = _confidence(gm, x, y)
     assert acc >= 0.99, acc
     # and each class keeps its exact spread: two components of std 0.4 with equal weights
@@ -308,7 +309,7 @@ def test_trained_noisy_classifier_guides_samples_to_the_class():
             labels = gm.labels[comp]
             t = jax.random.uniform(k2, (128,), minval=VP.t_min, maxval=VP.t_max)
             eps = jax.random.normal(k3, x0.shape)
-            loss_fn = lambda p: G.noisy_classifier_loss(
+            loss_fn = lambda p: noisy_classifier_loss(
                 lambda x, tt: logits_fn(p, x, tt), VP, x0, labels, t, eps).mean()
             loss, grads = jax.value_and_grad(loss_fn)(params)
             updates, state = opt.update(grads, state)
@@ -356,7 +357,7 @@ def test_universal_guidance_uses_the_denoiser_gradient(x64):
 
 
 # ----------------------------------------------------------------------------------------------
-# Inpainting, SDEdit and linear inverse problems on Gaussian data.
+# Inpainting and linear inverse problems on Gaussian data.
 
 D = 6
 _GRID = np.arange(D)
@@ -378,51 +379,6 @@ def _check_conditional(x, mean_tol, cov_tol):
     u = np.asarray(x)[:, ~KNOWN_MASK]
     assert np.abs(u.mean(0) - mean).max() < mean_tol, (u.mean(0), mean)
     assert np.abs(np.cov(u.T) - cov).max() < cov_tol, (np.cov(u.T), cov)
-
-
-def test_replacement_inpainting_keeps_known_exactly_and_repaint():
-    gm = GaussianMixture.full(MEAN[None], COV[None])
-    n = 2000
-    x_T = VP.prior_sample(jax.random.key(0), (n, D))
-    known = jnp.asarray(KNOWN_VALUES, jnp.float32)
-
-    @jax.jit
-    def run(key):
-        return G.inpaint_sample(gm.denoiser(VP), VP, x_T, known, KNOWN_MASK, key, solver="ddpm", steps=40,
-                                return_trajectory=True)
-
-    x, info = run(jax.random.key(1))
-    known_part = np.broadcast_to(np.float32(KNOWN_VALUES[KNOWN_MASK]), (n, 4))
-    np.testing.assert_array_equal(np.asarray(x)[:, KNOWN_MASK], known_part)
-    traj, tt = np.asarray(info["trajectory"]), np.asarray(info["trajectory_t"])
-    assert traj.shape == (41, n, D) and int(info["nfe"]) == 40
-    np.testing.assert_array_equal(traj[-1], np.asarray(x))
-    # After every step the known part is a FRESH draw of q(x_t | known): standardized residuals
-    # are N(0, 1) and uncorrelated from one step to the next.
-    alpha, sigma = (np.asarray(c)[:, None, None] for c in VP.alpha_sigma(jnp.asarray(tt[1:-1])))
-    z = ((traj[1:-1] - alpha * KNOWN_VALUES) / sigma)[:, :, KNOWN_MASK]
-    assert abs(z.mean()) < 0.01 and abs(z.std() - 1.0) < 0.01
-    assert abs(np.mean(z[1:] * z[:-1])) < 0.01
-    # Replacement is biased even for Gaussian data (the unknown part sees only a noisy copy of
-    # the known one at high noise); on this smooth covariance the bias is small. Observed
-    # (2000 samples): mean error 0.19, covariance error 0.06.
-    _check_conditional(x, mean_tol=0.3, cov_tol=0.12)
-    # RePaint resampling (j = 5, r = 5) harmonizes: observed mean error 0.05, covariance error 0.06.
-    x_rp, info_rp = jax.jit(lambda k: G.inpaint_sample(gm.denoiser(VP), VP, x_T, known, KNOWN_MASK, k, steps=40,
-                                                       jump_length=5, resample=5))(jax.random.key(1))
-    assert int(info_rp["nfe"]) == len(info_rp["moves"]) - int(np.sum(np.diff(info_rp["moves"]) < 0)) + 1
-    np.testing.assert_array_equal(np.asarray(x_rp)[:, KNOWN_MASK], np.asarray(x)[:, KNOWN_MASK])
-    _check_conditional(x_rp, mean_tol=0.12, cov_tol=0.12)
-
-
-def test_repaint_schedule():
-    from difflax.guidance import _repaint_moves
-
-    moves = np.array(_repaint_moves(6, 2, 3))
-    down = moves[:, 1] > moves[:, 0]
-    assert np.all(np.abs(np.diff(moves, axis=1)[down]) == 1) and np.all(np.diff(moves, axis=1)[~down] == -2)
-    assert moves[0, 0] == 0 and moves[-1, 1] == 6 and down.sum() == 6 + 2 * 2 * 2  # 2 jump points, 2 repeats each
-    assert _repaint_moves(5, 1, 1) == [(i, i + 1) for i in range(5)]
 
 
 def test_exact_guidance_for_linear_inverse_problems(x64):
@@ -520,33 +476,15 @@ def test_inverse_problem_sampling_on_gaussian_data():
     _check_conditional(x, mean_tol=0.06, cov_tol=0.05)
     np.testing.assert_allclose(np.asarray(x)[:, KNOWN_MASK], np.broadcast_to(KNOWN_VALUES[KNOWN_MASK], (n, 4)),
                                atol=1e-3)
-    # DPS is an approximation (p(y | x_t) ~ p(y | x0_hat)): with zeta = 0.3 and 100 DDPM steps it
-    # is observed at mean error 0.10 and covariance error 0.17 (it under-disperses).
-    x_dps, info = jax.jit(lambda k: G.dps_sample(gm.denoiser(VP), VP, x_T, y, op, k, zeta=0.3, steps=100))(
-        jax.random.key(1))
-    assert int(info["nfe"]) == 100
-    _check_conditional(x_dps, mean_tol=0.2, cov_tol=0.25)
-    assert np.abs(np.asarray(x_dps)[:, KNOWN_MASK] - KNOWN_VALUES[KNOWN_MASK]).mean() < 0.2
 
 
-def test_inpaint_denoiser_transform_and_sdedit(key):
+def test_inpaint_denoiser_transform(key):
     gm = GaussianMixture.full(MEAN[None], COV[None])
     known = jnp.asarray(KNOWN_VALUES, jnp.float32)
     den = jax.jit(G.inpaint(gm.denoiser(VP), known, KNOWN_MASK))
     x = jax.random.normal(key, (5, D))
     np.testing.assert_array_equal(np.asarray(den(x, jnp.full((5,), 0.5)))[:, KNOWN_MASK],
                                   np.broadcast_to(np.float32(KNOWN_VALUES[KNOWN_MASK]), (5, 4)))
-    # SDEdit of exact data draws with the exact denoiser keeps the data distribution, and the
-    # grid runs from t_start to t_min.
-    n = 2000
-    x0, _ = gm.sample(jax.random.key(1), n)
-    out, info = jax.jit(lambda k: G.sdedit(gm.denoiser(VP), VP, x0, 0.3, k, solver="heun", steps=6))(
-        jax.random.key(2))
-    ts = np.asarray(info["ts"])
-    assert ts.shape == (7,) and ts[0] == pytest.approx(0.3) and ts[-2] == pytest.approx(VP.t_min) and ts[-1] == 0
-    out = np.asarray(out)  # observed: mean error 0.04, covariance error 0.05, correlation 0.71
-    assert np.abs(out.mean(0) - MEAN).max() < 0.08 and np.abs(np.cov(out.T) - COV).max() < 0.1
-    assert 0.5 < np.corrcoef(out[:, 2], np.asarray(x0)[:, 2])[0, 1] < 0.9  # edits, but stays close
 
 
 # ----------------------------------------------------------------------------------------------
@@ -570,8 +508,8 @@ def test_drop_condition_and_noisy_classifier_loss(key):
         x_t = VP.marginal(x0, t, eps)
         return (out, dropped, drop_condition(key, emb, 0.2, null),
                 -jax.nn.log_softmax(logits_fn(x_t, t))[jnp.arange(5), labels],
-                G.noisy_classifier_loss(logits_fn, VP, x0, labels, t, eps),
-                G.noisy_classifier_loss(logits_fn, VP, x0, jax.nn.one_hot(labels, 3), t, eps))
+                noisy_classifier_loss(logits_fn, VP, x0, labels, t, eps),
+                noisy_classifier_loss(logits_fn, VP, x0, jax.nn.one_hot(labels, 3), t, eps))
 
     out, dropped, out_emb, want, loss, loss_soft = compute(key)
     assert abs(float(dropped.mean()) - 0.2) < 0.03
@@ -603,19 +541,9 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="null"):
         G.cfg(dc, y, 2.0, null=jnp.zeros(7))(x, t)
     with pytest.raises(ValueError, match="mask"):
-        G.inpaint_sample(den, VP, x, jnp.zeros(2), jnp.ones(3, bool), jax.random.key(0))
-    with pytest.raises(ValueError, match="mask"):
         G.inpaint(den, jnp.zeros(2), jnp.ones((3, 2)))(x, t)
     with pytest.raises(ValueError, match="known"):
-        G.inpaint_sample(den, VP, x, jnp.zeros(5), jnp.ones(2, bool), jax.random.key(0))
-    with pytest.raises(ValueError, match="resample"):
-        G.inpaint_sample(den, VP, x, jnp.zeros(2), jnp.ones(2, bool), jax.random.key(0), resample=0)
-    with pytest.raises(ValueError, match="Unknown solver"):
-        G.inpaint_sample(den, VP, x, jnp.zeros(2), jnp.ones(2, bool), jax.random.key(0), solver="rk45")
-    with pytest.raises(ValueError, match="heun"):
-        G.dps_sample(den, VP, x, x, lambda z: z, jax.random.key(0), solver="heun")
-    with pytest.raises(ValueError, match="t_start"):
-        G.sdedit(den, VP, x, 2.0, jax.random.key(0))
+        G.inpaint(den, jnp.zeros(5), jnp.ones(2, bool))(x, t)
     with pytest.raises(ValueError, match="pinv"):
         G.pigdm(den, VP, x, lambda z: z)
     with pytest.raises(ValueError, match="covariance"):

@@ -65,6 +65,47 @@ def test_mixture_nll_matches_log_prob(x64, process, exact_prior):
     assert err < TOL_PER_DIM
 
 
+def _far_points(gm):
+    """36 points far from the data: 8 directions at Mahalanobis radius 4, 5 and 6 of the mixture's
+    overall covariance, and 4 directions at 5 standard deviations from each mode."""
+    mean, cov = np.asarray(gm.mean()), np.asarray(gm.covariance())
+    angles = np.linspace(0.0, 2 * np.pi, 8, endpoint=False) + 0.3
+    ring = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    chol = np.linalg.cholesky(cov)
+    outer = [mean + r * ring @ chol.T for r in (4.0, 5.0, 6.0)]
+    stds = np.sqrt(np.asarray(gm.eigvals)[:, 0])
+    modes = [np.asarray(m) + 5.0 * s * ring[1::2] for m, s in zip(gm.means, stds, strict=True)]
+    return jnp.asarray(np.concatenate(outer + modes))
+
+
+@pytest.mark.parametrize("process,exact_prior", [(VE(), True), (Flow(), False)], ids=["ve_exact_prior", "flow"])
+def test_mixture_nll_far_from_data(x64, process, exact_prior):
+    """Points 4-6 standard deviations out, where log p reaches -330 nats, against the exact log-density.
+
+    The error of a tolerance-controlled solve scales with ``tol (1 + |log p|)``: the state ``z`` is
+    controlled to a relative ``tol``, and the prior term ``-|x_T|^2 / (2 sigma_T^2)`` turns a relative
+    error ``delta`` of ``x_T`` into ``2 delta |log p_T|``. Measured ``max |error| / (tol (1 + |log p|))``
+    over these points (VE, flow): 0.27, 0.32 at ``tol = 1e-8`` and 4.7, 3.5 at the default ``1e-5``,
+    i.e. 3.6e-3 and 2.4e-3 nats/dim at the default tolerance (the error the audit found) and 3e-7,
+    5e-7 at ``1e-8``; the bound is 10. The solves are deterministic (exact divergence, fixed points).
+    """
+    gm = _mixture()
+    x = _far_points(gm)
+    prior = _exact(gm, process, process.t_max) if exact_prior else None
+    exact = _exact(gm, process, process.t_min)(x)
+    assert float(jnp.max(exact)) < -6.0 and float(jnp.min(exact)) < -300.0  # the peak of log p is -0.1
+    run = jax.jit(lambda x, tol: log_likelihood(gm.denoiser(process), process, x, prior_logp=prior, rtol=tol, atol=tol))
+    errors = {}
+    for tol in (1e-5, 1e-8):
+        logp, info = run(x, tol)
+        assert bool(info["success"])
+        err = np.abs(np.asarray(logp - exact))
+        errors[tol] = err.max() / gm.dim
+        np.testing.assert_array_less(err, 10 * tol * (1 + np.abs(np.asarray(exact))))
+    print(f"{type(process).__name__}: max |logp - exact| far out = {errors} nats/dim (tol: error)")
+    assert errors[1e-8] < 1e-5 and errors[1e-8] < 0.01 * errors[1e-5]  # converges with the tolerance
+
+
 def test_vp_gaussian_with_exact_prior_and_default_prior_error(x64):
     """Non-centred data on VP: exact up to the prior, which is off by ~alpha_T <x_T, mean> / sigma_T^2."""
     gm, process = _gaussian([0.5, -1.0, 0.3]), VP()

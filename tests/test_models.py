@@ -22,13 +22,13 @@ from difflax.models import (
     DiT,
     DiTBlock,
     MLPResNet,
-    Preconditioned,
     UNet,
     dit,
     dit_config,
     fourier_features,
     sinusoidal_embedding,
 )
+from difflax.train.builders import make_denoiser
 
 # Two levels, convolutional re-sampling, attention only in the middle block (the default ResBlock re-sampling
 # and attention at other resolutions are covered by the shape test).
@@ -110,34 +110,157 @@ def forward(model):
     return fast_jit(lambda params, *args, **kwargs: model.apply({"params": params}, *args, **kwargs))
 
 
+# ----------------------------------------------------------------------------- NumPy references
+# Written from the papers and the modules' docstrings, in float64, independently of Flax: a forward
+# pass of the MLP and of the DiT from the same parameter tree must agree to float32 rounding.
+
+
+def _as_np(params):
+    return jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+
+
+def _dense(p, x):
+    return x @ p["kernel"] + p["bias"]
+
+
+def _silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def _layer_norm(x, eps=1e-6, p=None):
+    mean = x.mean(-1, keepdims=True)
+    out = (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps)
+    return out if p is None else out * p["scale"] + p["bias"]
+
+
+def _condition_reference(p, t, batch, frequency_dim, y=None, max_period=10_000.0):
+    """``Dense(SiLU(Dense([cos(t f_k), sin(t f_k)])))``, ``f_k = max_period^(-k / half)`` (DiT's
+    TimestepEmbedder), plus the class row of the embedding table."""
+    t = np.broadcast_to(np.asarray(t, np.float64).reshape(-1), (batch,))
+    half = frequency_dim // 2
+    args = t[:, None] * np.exp(-np.log(max_period) * np.arange(half) / half)
+    c = _dense(p["mlp_out"], _silu(_dense(p["mlp_in"], np.concatenate([np.cos(args), np.sin(args)], axis=1))))
+    if y is not None:
+        c = c + p["class_embedding"]["table"]["embedding"][np.asarray(y)]
+    return c
+
+
+def _mlp_reference(params, x, t, y=None, frequency_dim=64):
+    """MLPResNet: blocks ``h + Dense(SiLU(Dense(SiLU(LN(h) (1 + s) + b))))``, then ``Dense(SiLU(LN(h)))``."""
+    p, x = _as_np(params), np.asarray(x, np.float64)
+    c = _condition_reference(p["condition"], t, x.shape[0], frequency_dim, y)
+    h = _dense(p["dense_in"], x.reshape(x.shape[0], -1))
+    for i in range(sum(name.startswith("block") for name in p)):
+        q = p[f"block{i}"]
+        scale, shift = np.split(_dense(q["film"], _silu(c)), 2, axis=-1)
+        u = _layer_norm(h, p=q["norm"]) * (1 + scale) + shift
+        h = h + _dense(q["dense2"], _silu(_dense(q["dense1"], _silu(u))))
+    return _dense(p["dense_out"], _silu(_layer_norm(h, p=p["norm_out"]))).reshape(x.shape)
+
+
+def _dit_reference(params, x, t, patch, heads, y=None, frequency_dim=256):
+    """DiT (Peebles & Xie 2023): patches in raster order, 2-D sin-cos positions (rows in the first
+    half of the channels, columns in the second, as documented), adaLN-Zero blocks with tanh-GELU,
+    the final adaLN layer, and the patches put back in place."""
+    p, x = _as_np(params), np.asarray(x, np.float64)
+    b, height, width, _ = x.shape
+    gh, gw = height // patch, width // patch
+    cells = [(i, j) for i in range(gh) for j in range(gw)]
+    patch_of = lambda a, i, j: a[:, i * patch : (i + 1) * patch, j * patch : (j + 1) * patch]
+    tokens = np.stack([patch_of(x, i, j).reshape(b, -1) for i, j in cells], axis=1)
+    h = _dense(p["patch_embed"], tokens)
+    dim = h.shape[-1]
+    omega = 10_000.0 ** (-np.arange(dim // 4) / (dim // 4))
+    encode = lambda pos: np.concatenate([np.sin(pos[:, None] * omega), np.cos(pos[:, None] * omega)], axis=1)
+    rows, cols = np.array(cells, np.float64).T
+    h = h + np.concatenate([encode(rows), encode(cols)], axis=1)
+    c = _condition_reference(p["condition"], t, b, frequency_dim, y)
+    modulate = lambda u, shift, scale: _layer_norm(u) * (1 + scale[:, None]) + shift[:, None]
+    for i in range(sum(name.startswith("block") for name in p)):
+        q = p[f"block{i}"]
+        shift1, scale1, gate1, shift2, scale2, gate2 = np.split(_dense(q["adaLN_modulation"], _silu(c)), 6, axis=-1)
+        qkv = _dense(q["attention"]["qkv"], modulate(h, shift1, scale1))
+        qh, kh, vh = (qkv[..., n * dim : (n + 1) * dim].reshape(b, len(cells), heads, -1) for n in range(3))
+        logits = np.einsum("blnd,bmnd->bnlm", qh, kh) / np.sqrt(dim // heads)
+        att = np.exp(logits - logits.max(-1, keepdims=True))
+        att = att / att.sum(-1, keepdims=True)
+        attended = np.einsum("bnlm,bmnd->blnd", att, vh).reshape(b, len(cells), dim)
+        h = h + gate1[:, None] * _dense(q["attention"]["proj"], attended)
+        u = _dense(q["mlp_in"], modulate(h, shift2, scale2))
+        gelu = 0.5 * u * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u**3)))
+        h = h + gate2[:, None] * _dense(q["mlp_out"], gelu)
+    shift, scale = np.split(_dense(p["final_layer"]["adaLN_modulation"], _silu(c)), 2, axis=-1)
+    out = _dense(p["final_layer"]["linear"], modulate(h, shift, scale))
+    channels = out.shape[-1] // patch**2
+    image = np.zeros((b, height, width, channels))
+    for n, (i, j) in enumerate(cells):
+        patch_of(image, i, j)[...] = out[:, n].reshape(b, patch, patch, -1)
+    return image
+
+
 @pytest.mark.parametrize(
     ("shape", "resblock_updown", "attention"), [((1, 8, 8, 1), True, (4,)), ((3, 16, 8, 3), False, (16, 8))]
 )
 def test_unet_output_shape(shape, resblock_updown, attention):
-    model = UNet(**{**TINY_UNET, "attention_resolutions": attention, "resblock_updown": resblock_updown})
+    """Shape, dtype, examples independent of each other, and the bfloat16 compute path.
+
+    GroupNorm, attention and the conditioning act per example, so permuting the batch permutes the
+    output and changing one example leaves the others' outputs unchanged (to float32 rounding).
+    Translation equivariance does not hold: the convolutions pad with zeros.
+    """
+    config = {**TINY_UNET, "attention_resolutions": attention, "resblock_updown": resblock_updown}
+    model = UNet(**config)
     x = normal(shape)
-    out = forward(model)(random_params(model, 2, x, 0.5), x, np.linspace(0.1, 0.9, shape[0], dtype=np.float32))
+    t = np.linspace(0.1, 0.9, shape[0], dtype=np.float32)
+    params = random_params(model, 2, x, 0.5)
+    apply = forward(model)
+    out = apply(params, x, t)
     assert out.shape == shape and out.dtype == jnp.float32
     assert np.isfinite(out).all()
+    assert np.linalg.norm(out) > 0.1  # the random output layer is not zero
+    perm = np.roll(np.arange(shape[0]), 1)
+    np.testing.assert_allclose(apply(params, x[perm], t[perm]), out[perm], rtol=1e-5, atol=1e-6)
+    changed = apply(params, x.at[0].multiply(-2.0), t)
+    assert max_diff(changed[0], out[0]) > 1e-3
+    np.testing.assert_allclose(changed[1:], out[1:], rtol=1e-5, atol=1e-6)
+    low = forward(UNet(**config, dtype=jnp.bfloat16))(params, x, t)
+    assert low.dtype == jnp.float32 and 0 < rel_l2(low, out) < BF16_TOLERANCE
 
 
 @pytest.mark.parametrize(
     ("shape", "patch", "learn_sigma"), [((1, 8, 8, 1), 2, False), ((2, 16, 16, 3), 4, True), ((3, 8, 16, 2), 2, True)]
 )
 def test_dit_output_shape(shape, patch, learn_sigma):
+    """Shape, and the forward pass against the NumPy reference (patch order, non-square grids, learned sigma)."""
     model = DiT(**{**TINY_DIT, "patch_size": patch, "learn_sigma": learn_sigma})
     x = normal(shape)
-    out = forward(model)(random_params(model, 2, x, 0.5), x, 0.5)
+    params = random_params(model, 2, x, 0.5)
+    out = forward(model)(params, x, 0.5)
     assert out.shape == (*shape[:3], shape[3] * (2 if learn_sigma else 1)) and out.dtype == jnp.float32
     assert np.isfinite(out).all()
+    ref = _dit_reference(params, x, 0.5, patch, TINY_DIT["num_heads"])
+    assert np.linalg.norm(ref) > 0.1
+    assert rel_l2(out, ref) < 1e-5, rel_l2(out, ref)
+    if learn_sigma:  # the bfloat16 compute path through the doubled output
+        low = forward(DiT(**{**TINY_DIT, "patch_size": patch, "learn_sigma": True, "dtype": jnp.bfloat16}))
+        low = low(params, x, 0.5)
+        assert low.dtype == jnp.float32 and 0 < rel_l2(low, out) < BF16_TOLERANCE
 
 
 @pytest.mark.parametrize("shape", [(1, 2), (4, 2), (3, 5, 3)])
 def test_mlp_output_shape(shape):
+    """Shape, the forward pass against the NumPy reference, and an exact zero at initialization."""
     model = MLPResNet(**TINY_MLP)
-    x = np.ones(shape, np.float32)
-    out = forward(model)(random_params(model, 0, x, 0.5), x, np.full(shape[0], 0.5, np.float32))
-    assert out.shape == shape
+    x = np.asarray(normal(shape))
+    t = np.linspace(0.2, 0.8, shape[0], dtype=np.float32)
+    params = random_params(model, 0, x, 0.5)
+    out = forward(model)(params, x, t)
+    assert out.shape == shape and out.dtype == jnp.float32
+    ref = _mlp_reference(params, x, t)
+    assert np.abs(ref).max() > 0.01
+    assert rel_l2(out, ref) < 1e-5, rel_l2(out, ref)
+    at_init = fast_jit(lambda key: model.apply(model.init(key, x, t), x, t))(jax.random.key(0))
+    np.testing.assert_array_equal(at_init, 0.0)  # zero-initialized output layer
 
 
 @pytest.mark.parametrize(
@@ -163,6 +286,11 @@ def test_class_conditioning_and_null_class(model):
     assert max_diff(cond_a, cond_b) > 1e-4
     assert max_diff(cond_a, uncond) > 1e-4
     np.testing.assert_allclose(uncond, null, rtol=1e-4, atol=1e-5)  # y=None is the null class num_classes
+    # The label enters as its row of the embedding table, added to the noise embedding (NumPy reference).
+    if not isinstance(model, UNet):
+        ref = _mlp_reference if isinstance(model, MLPResNet) else functools.partial(_dit_reference, patch=2, heads=2)
+        for labels, got in zip(([0, 1, 2], [3, 3, 3]), (cond_a, cond_b), strict=True):
+            assert rel_l2(got, ref(params, x, t, y=labels)) < 1e-5
 
 
 def test_unconditional_model_rejects_labels():
@@ -343,19 +471,18 @@ def test_dit_configs():
     assert dit("B/4", depth=3).depth == 3
 
 
-# ----------------------------------------------------------------------------- preconditioning wrapper
+# ----------------------------------------------------------------------------- network -> denoiser
 
 
-def test_preconditioned_edm_matches_hand_computation():
+def test_edm_denoiser_matches_hand_computation():
     net = MLPResNet(**TINY_MLP)
     sigma_data = 0.5
     x = 3.0 * normal((4, 2))
     sigma = jnp.array([0.01, 0.5, 2.0, 40.0])
     net_params = random_params(net, 0, x, sigma)
-    model = Preconditioned(net, difflax.EDM(sigma_data=sigma_data), prediction="edm")
 
     def both(p):
-        got = model.apply({"params": {"net": p}}, x, sigma)
+        got = make_denoiser(net, p, difflax.EDM(sigma_data=sigma_data), "edm")(x, sigma)
         total = sigma**2 + sigma_data**2
         c_skip, c_out = sigma_data**2 / total, sigma * sigma_data / jnp.sqrt(total)
         c_in, c_noise = 1.0 / jnp.sqrt(total), jnp.log(sigma) / 4.0
@@ -367,14 +494,14 @@ def test_preconditioned_edm_matches_hand_computation():
     assert max_diff(got, x) > 1e-3  # F contributes
 
 
-def test_preconditioned_edm_scales_by_alpha_for_vp():
+def test_edm_denoiser_scales_by_alpha_for_vp():
     net = MLPResNet(**TINY_MLP)
     process = difflax.VP()
     x, t = normal((3, 2)), jnp.array([0.1, 0.5, 0.9])
     net_params = random_params(net, 0, x, t)
 
     def both(p):
-        got = Preconditioned(net, process, "edm", sigma_data=1.0).apply({"params": {"net": p}}, x, t)
+        got = make_denoiser(net, p, process, "edm", sigma_data=1.0)(x, t)
         alpha, sigma = process.alpha(t)[:, None], process.sigma(t)[:, None]
         s = sigma / alpha  # noise level of x / alpha
         f = net.apply({"params": p}, x / alpha / jnp.sqrt(s**2 + 1.0), jnp.log(s[:, 0]) / 4.0)
@@ -385,14 +512,14 @@ def test_preconditioned_edm_scales_by_alpha_for_vp():
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v", "velocity", "x0"])
-def test_preconditioned_predictions_use_as_denoiser(prediction):
+def test_denoiser_predictions_use_as_denoiser(prediction):
     net = MLPResNet(**TINY_MLP)
     process = difflax.Flow() if prediction == "velocity" else difflax.VP()
     x, t = normal((3, 2)), jnp.array([0.1, 0.5, 0.9])
     net_params = random_params(net, 0, x, t)
 
     def both(p):
-        got = Preconditioned(net, process, prediction, noise_scale=1000.0).apply({"params": {"net": p}}, x, t)
+        got = make_denoiser(net, p, process, prediction, noise_scale=1000.0)(x, t)
         apply_fn = lambda x_t, tt: net.apply({"params": p}, x_t, 1000.0 * tt)
         return got, difflax.as_denoiser(apply_fn, process, prediction)(x, t)
 
@@ -400,14 +527,14 @@ def test_preconditioned_predictions_use_as_denoiser(prediction):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_preconditioned_learned_sigma_dit_and_labels():
+def test_denoiser_of_learned_sigma_dit_and_labels():
     net = DiT(**{**TINY_DIT, "learn_sigma": True, "num_classes": 3})
     process = difflax.DiscreteVP.cosine()
     x, t, y = normal((2, 8, 8, 1)), jnp.array([0.3, 0.6]), jnp.array([0, 2])
     net_params = random_params(net, 0, x, t, y)
 
     def both(p):
-        got = Preconditioned(net, process, "eps").apply({"params": {"net": p}}, x, t, y)
+        got = make_denoiser(net, p, process, "eps", y)(x, t)
         eps = net.apply({"params": p}, x, t, y)[..., :1]  # first half: eps, second: variance
         alpha, sigma = process.alpha(t)[:, None, None, None], process.sigma(t)[:, None, None, None]
         return got, (x - sigma * eps) / alpha
@@ -417,9 +544,9 @@ def test_preconditioned_learned_sigma_dit_and_labels():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_preconditioned_unknown_prediction():
+def test_denoiser_unknown_prediction():
     with pytest.raises(ValueError, match="prediction"):
-        Preconditioned(MLPResNet(), difflax.VP(), prediction="noise")
+        make_denoiser(MLPResNet(), {}, difflax.VP(), prediction="noise")
 
 
 # ----------------------------------------------------------------------------- overfitting

@@ -13,13 +13,18 @@ from difflax.solvers import SOLVERS, optimize_grid
 from difflax.solvers.optimize import reference_trajectory
 
 DIM = 4
+# (seed, scale of the means, std, weights): the second has narrow, well separated modes
+MIXTURES = ((0, 1.5, 0.3, (0.5, 0.3, 0.2)), (2, 2.0, 0.2, (0.6, 0.4)))
+STANDARD_GRIDS = ("uniform", "trailing", "logsnr", "karras", "edm")
 
 
 @functools.cache
-def _problem():
-    """A 4-D Gaussian mixture under DDPM's linear schedule, its exact denoiser and draws."""
-    rng = np.random.default_rng(0)
-    gm = GaussianMixture.isotropic(1.5 * rng.normal(size=(3, DIM)), 0.3, weights=[0.5, 0.3, 0.2])
+def _problem(mixture=0):
+    """A 4-D Gaussian mixture under DDPM's linear schedule, its exact denoiser, calibration draws and
+    held-out draws with their exact probability-flow endpoints."""
+    seed, scale, std, weights = MIXTURES[mixture]
+    rng = np.random.default_rng(seed)
+    gm = GaussianMixture.isotropic(scale * rng.normal(size=(len(weights), DIM)), std, weights=list(weights))
     process = difflax.DiscreteVP.linear()
     denoise = jax.jit(gm.denoiser(process))  # traced once per shape: keeps the tests fast
     calibration = process.prior_sample(jax.random.key(1), (16, DIM))
@@ -32,17 +37,17 @@ def _problem():
 
 
 @functools.cache
-def _optimized(solver, steps, final_zero=True):
-    process, denoise, calibration, _, _ = _problem()
+def _optimized(solver, steps, final_zero=True, mixture=0):
+    process, denoise, calibration, _, _ = _problem(mixture)
     return optimize_grid(
         denoise, process, calibration, solver=solver, steps=steps, candidates=40, final_zero=final_zero
     )
 
 
 @functools.cache
-def _sampler(solver, steps):
+def _sampler(solver, steps, mixture=0):
     """Jitted sampler with the grid as an argument: one compile serves every grid."""
-    process, denoise, _, _, _ = _problem()
+    process, denoise, _, _, _ = _problem(mixture)
 
     @jax.jit
     def run(x, grid):
@@ -52,12 +57,18 @@ def _sampler(solver, steps):
     return run
 
 
-def _rms_error(solver, steps, grid):
-    process, _, _, fresh, exact = _problem()
+def _errors(solver, steps, grid, mixture=0):
+    """Per-draw distances to the exact endpoint on the held-out draws, and the nfe."""
+    process, _, _, fresh, exact = _problem(mixture)
     if isinstance(grid, str):
         grid = difflax.make_grid(grid, process, steps)
-    x, nfe = _sampler(solver, steps)(fresh, jnp.asarray(grid, fresh.dtype))
-    return float(jnp.sqrt(jnp.mean(jnp.sum((x - exact) ** 2, axis=-1)))), int(nfe)
+    x, nfe = _sampler(solver, steps, mixture)(fresh, jnp.asarray(grid, fresh.dtype))
+    return np.sqrt(np.sum(np.square(np.asarray(x - exact, np.float64)), axis=-1)), int(nfe)
+
+
+def _rms_error(solver, steps, grid):
+    errors, nfe = _errors(solver, steps, grid)
+    return float(np.sqrt(np.mean(errors**2))), nfe
 
 
 def test_grid_is_a_valid_decreasing_grid_that_round_trips(tmp_path):
@@ -87,11 +98,18 @@ def test_without_final_zero_the_grid_ends_at_t_min():
 
 @pytest.mark.parametrize("solver,steps", [("ddim", 5), ("dpmpp_2m", 6)])
 def test_optimized_grid_beats_every_standard_grid(solver, steps):
-    if solver not in SOLVERS:
-        pytest.skip(f"solver {solver!r} is not registered")
+    """Calibrated on 16 draws, evaluated on 256 held-out draws of two mixtures: the optimized grid has a lower
+    median error than every standard grid (the claim of :mod:`difflax.solvers.optimize`: lower typical
+    errors, not always a lower RMS error), and on the first mixture a lower RMS error than uniform, logsnr
+    and karras."""
+    assert solver in SOLVERS, f"solver {solver!r} is not registered; registered: {sorted(SOLVERS)}"
     optimized, _ = _rms_error(solver, steps, _optimized(solver, steps))
     standard = {name: _rms_error(solver, steps, name)[0] for name in ("uniform", "logsnr", "karras")}
     assert optimized < min(standard.values()), (optimized, standard)
+    for mixture in range(len(MIXTURES)):
+        median = float(np.median(_errors(solver, steps, _optimized(solver, steps, mixture=mixture), mixture)[0]))
+        standard = {name: float(np.median(_errors(solver, steps, name, mixture)[0])) for name in STANDARD_GRIDS}
+        assert median < min(standard.values()), (mixture, median, standard)
 
 
 def test_free_end_refine_and_step_ratio_give_valid_grids():

@@ -30,6 +30,7 @@ import scipy.stats
 
 import difflax.solvers.speculative as speculative_module
 from difflax import VP, analytic, sample
+from difflax.processes import broadcast_to
 from difflax.solvers import reflection_coupling, speculative_sample
 
 MEANS = [[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]]
@@ -150,8 +151,8 @@ def test_bad_draft_still_gives_the_target_distribution(x64, reference, monkeypat
     # ... and a sampler that keeps the draft's noise without reflecting it (synchronous coupling).
     def synchronous(z, u, mean_q, mean_p, std):
         x, _, coupled = reflection_coupling(z, u, mean_q, mean_p, std)
-        y = mean_p + speculative_module._per_example(std, z) * z
-        return x, jnp.where(speculative_module._per_example(coupled, x), x, y), coupled
+        y = mean_p + broadcast_to(std, z) * z
+        return x, jnp.where(broadcast_to(coupled, x), x, y), coupled
 
     monkeypatch.setattr(speculative_module, "reflection_coupling", synchronous)
     wrong, _ = jax.jit(

@@ -1,4 +1,4 @@
-"""The distillation runners (difflax.train.students) and the generic loop (difflax.train.fit)."""
+"""The distillation runners (difflax.train.distill) and the generic loop (difflax.train.fit)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,23 +8,58 @@ import pytest
 
 import difflax
 from difflax.data import make_dataset
+from difflax.metrics.sample_based import energy_distance
 from difflax.models import MLPResNet
-from difflax.train import students
+from difflax.train import distill as students
 from difflax.train.checkpoint import Checkpointer
 from difflax.train.fit import fit
 
-
-@pytest.fixture(scope="module")
-def teacher():
-    """A small class-conditional EDM-preconditioned MLP on the toy grid (untrained: the runners' mechanics)."""
-    model = MLPResNet(features=32, num_blocks=1, num_classes=5, embedding="fourier", fourier_scale=1.0)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))["params"]
-    return students.Network(model, params, difflax.EDM(sigma_data=1.0), "edm", (2,))
+TEACHER_STEPS = 300
+NULL = 5  # the null class of the 5-class teacher
 
 
 @pytest.fixture(scope="module")
 def data():
     return make_dataset("grid")
+
+
+def _untrained_teacher():
+    model = MLPResNet(features=32, num_blocks=1, num_classes=5, embedding="fourier", fourier_scale=1.0)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))["params"]
+    return students.Network(model, params, difflax.EDM(sigma_data=1.0), "edm", (2,))
+
+
+def _denoising_loss(net, params, batch, key):
+    """EDM-weighted denoising loss with EDM noise levels, labels dropped to the null class 20% of the time."""
+    k_t, k_eps, k_y = jax.random.split(key, 3)
+    x0 = batch["x"]
+    y = difflax.losses.drop_condition(k_y, batch["y"], 0.2, NULL)
+    t = difflax.losses.sample_t_edm(k_t, (x0.shape[0],), net.process)
+    eps = jax.random.normal(k_eps, x0.shape)
+    return jnp.mean(difflax.losses.denoising_loss(net.denoiser(params, y), net.process, x0, t, eps, prediction="x0",
+                                                  weighting="edm"))
+
+
+@pytest.fixture(scope="module")
+def teacher(data):
+    """A small class-conditional EDM-preconditioned MLP on the toy grid, briefly trained with label dropout
+    (so that its conditional and null-class predictions differ, as classifier-free guidance needs)."""
+    net = _untrained_teacher()
+    state, _ = fit(lambda p, batch, k, state: (_denoising_loss(net, p, batch, k), {}), net.params,
+                   students.optimizer(3e-3, TEACHER_STEPS, warmup=20), lambda step: data.batch(0, step, 64),
+                   TEACHER_STEPS, key=jax.random.key(11), log_every=TEACHER_STEPS)
+    return students.Network(net.model, state.params, net.process, "edm", (2,))
+
+
+@pytest.fixture(scope="module")
+def evaluation():
+    """Held-out prior draws and balanced labels on which students are compared with their teacher."""
+    x_T = difflax.EDM(sigma_data=1.0).prior_sample(jax.random.key(30), (256, 2))
+    return x_T, jnp.arange(256) % 5
+
+
+def _rms(a, b):
+    return float(jnp.sqrt(jnp.mean(jnp.sum((a - b) ** 2, axis=-1))))
 
 
 def _check(student, x_T, y, **kw):
@@ -34,9 +69,23 @@ def _check(student, x_T, y, **kw):
     return x
 
 
-def test_progressive_runner_halves_steps(teacher, data):
-    student = students.progressive(teacher, data, jax.random.key(2), start_steps=8, end_steps=2, steps_per_round=3,
-                                   batch_size=8)
+def _closer(after, before, factor, what):
+    """Training moved the student towards its target: ``after < factor * before`` (``before``: the untrained one)."""
+    assert after < factor * before, f"{what}: trained {after:.4f}, untrained {before:.4f} (needs < {factor} x)"
+
+
+def test_teacher_learned_the_data(teacher, data):
+    batch = data.batch(1, 0, 512)  # another seed: held out from the teacher's batches
+    key = jax.random.key(12)
+    before = float(_denoising_loss(teacher, _untrained_teacher().params, batch, key))
+    after = float(_denoising_loss(teacher, teacher.params, batch, key))
+    _closer(after, before, 0.95, "held-out denoising loss")
+
+
+def test_progressive_runner_halves_steps(teacher, data, evaluation):
+    """The 2-step student is closer to the teacher's 8-step DDIM sampler than the teacher's own 2 steps."""
+    student = students.progressive(teacher, data, jax.random.key(2), start_steps=8, end_steps=2,
+                                   steps_per_round=100, batch_size=32, learning_rate=1e-3)
     assert sorted({h["round"] for h in student.history}) == [0, 1]  # 8 -> 4 -> 2
     x_T = teacher.process.prior_sample(jax.random.key(3), (6, 2))
     _check(student, x_T, jnp.arange(6) % 5, steps=2)
@@ -44,26 +93,55 @@ def test_progressive_runner_halves_steps(teacher, data):
         student.sample(student.params, jax.random.key(1), x_T, None, steps=4)
     with pytest.raises(ValueError, match="power of 2"):
         students.progressive(teacher, data, jax.random.key(2), start_steps=12, end_steps=8)
+    x_T, y = evaluation
+    grid = difflax.make_grid("karras", teacher.process, 8)
+    target, _ = difflax.sample(teacher.denoiser(y=y), teacher.process, x_T, solver="ddim", grid=grid, steps=8,
+                               final_zero=True)
+    before = _rms(student.sample(teacher.params, None, x_T, y, steps=2), target)
+    after = _rms(student.sample(student.params, None, x_T, y, steps=2), target)
+    _closer(after, before, 0.7, "distance to the teacher's 8 DDIM steps")
 
 
 @pytest.mark.parametrize("curriculum", [None, "ict"])
-def test_consistency_runner(teacher, data, curriculum):
-    student = students.consistency(teacher, data, jax.random.key(4), steps=3, batch_size=8, curriculum=curriculum,
-                                   distill_from_teacher=curriculum is None)
+def test_consistency_runner(teacher, data, evaluation, curriculum):
+    """Distillation: one step is closer to the teacher's probability-flow solution than the teacher's one
+    step. Training (iCT) from a random network, no teacher: one step is closer to held-out data."""
+    random_init = _untrained_teacher().params
+    student = students.consistency(
+        teacher, data, jax.random.key(4), batch_size=32, curriculum=curriculum, learning_rate=1e-3,
+        distill_from_teacher=curriculum is None, steps=200 if curriculum is None else 100,
+        init_params_from=None if curriculum is None else random_init,
+    )
     x_T = teacher.process.prior_sample(jax.random.key(3), (6, 2))
     one, two = (_check(student, x_T, jnp.arange(6) % 5, steps=n) for n in (1, 2))
     assert float(jnp.max(jnp.abs(one - two))) > 0
+    x_T, y = evaluation
+    if curriculum is None:
+        target, _ = difflax.sample(teacher.denoiser(y=y), teacher.process, x_T, solver="heun", steps=18)
+        before = _rms(student.sample(teacher.params, None, x_T, y, steps=1), target)
+        after = _rms(student.sample(student.params, None, x_T, y, steps=1), target)
+        _closer(after, before, 0.8, "distance to the teacher's probability-flow solution")
+    else:
+        data_x = data.batch(1, 0, 256)["x"]
+        before = energy_distance(student.sample(random_init, None, x_T, y, steps=1), data_x)
+        after = energy_distance(student.sample(student.params, None, x_T, y, steps=1), data_x)
+        _closer(after, before, 0.3, "energy distance of one-step samples to held-out data")
 
 
-def test_reflow_runner_writes_pairs(teacher, tmp_path):
-    student, pairs = students.reflow(teacher, jax.random.key(5), num_pairs=16, pair_steps=4, steps=3, batch_size=8,
-                                     pairs_path=str(tmp_path / "pairs"))
+def test_reflow_runner_writes_pairs(teacher, evaluation, tmp_path):
+    """One Euler step of the student lands closer to held-out teacher pairs than one step of the teacher's flow."""
+    student, pairs = students.reflow(teacher, jax.random.key(5), num_pairs=256, pair_steps=18, steps=200,
+                                     batch_size=64, learning_rate=3e-3, pairs_path=str(tmp_path / "pairs"))
     stored = difflax.distill.load_trajectories(str(tmp_path / "pairs"))
     np.testing.assert_allclose(stored["x0"], pairs["x0"])
     np.testing.assert_allclose(stored["z"] * 80.0, stored["noise"], rtol=1e-5)
     flow = students.flow_of(teacher.process)
     np.testing.assert_allclose([flow.t_min, flow.t_max], [0.002 / 1.002, 80 / 81], rtol=1e-6)
     _check(student, teacher.process.prior_sample(jax.random.key(3), (6, 2)), jnp.arange(6) % 5, steps=2)
+    held_out = students.teacher_pairs(teacher, jax.random.key(31), 256)
+    before = _rms(student.sample(teacher.params, None, held_out["noise"], held_out["y"], steps=1), held_out["x0"])
+    after = _rms(student.sample(student.params, None, held_out["noise"], held_out["y"], steps=1), held_out["x0"])
+    _closer(after, before, 0.7, "one-step distance to held-out teacher pairs")
 
 
 def test_reflow_student_starts_with_the_teachers_ode(teacher):
@@ -86,15 +164,32 @@ def test_guidance_runner_starts_as_the_conditional_teacher(teacher, data):
     net = students.Network(teacher.model.clone(guidance_embedding=True), student.params, teacher.process, "edm", (2,))
     np.testing.assert_allclose(net.denoiser(y=y, w=jnp.full((6,), 3.0))(x, t), teacher.denoiser(y=y)(x, t),
                                rtol=1e-6)
-    trained = students.guidance(teacher, data, jax.random.key(7), steps=3, batch_size=8,
+    trained = students.guidance(teacher, data, jax.random.key(7), steps=100, batch_size=32, learning_rate=1e-3,
                                 sample_t=lambda k, shape: jax.random.uniform(k, shape, minval=0.1, maxval=10.0))
     _check(trained, teacher.process.prior_sample(jax.random.key(3), (6, 2)), y, steps=2, w=2.0)
+    # one call of the trained student at w = 2 is closer to the guided teacher (1 + w) D_c - w D_null
+    batch = data.batch(1, 0, 256)
+    t = jax.random.uniform(jax.random.key(14), (256,), minval=0.1, maxval=10.0)
+    x = teacher.process.marginal(batch["x"], t, jax.random.normal(jax.random.key(15), batch["x"].shape))
+    y, w = batch["y"], 2.0
+    guided = (1 + w) * teacher.denoiser(y=y)(x, t) - w * teacher.denoiser(y=jnp.full_like(y, NULL))(x, t)
+    net = students.Network(teacher.model.clone(guidance_embedding=True), None, teacher.process, "edm", (2,))
+    before = _rms(net.denoiser(student.params, y=y, w=jnp.full((256,), w))(x, t), guided)
+    after = _rms(net.denoiser(trained.params, y=y, w=jnp.full((256,), w))(x, t), guided)
+    assert before > 0.1, "the teacher's conditional and null-class predictions hardly differ"
+    _closer(after, before, 0.7, "distance to the guided teacher at w = 2")
 
 
 def test_dmd_runner(teacher):
-    student = students.dmd(teacher, jax.random.key(9), steps=3, batch_size=8, num_pairs=16, pair_steps=4)
+    """The one-step generator's distribution is closer to the teacher's (held-out samples) than at its start."""
+    student = students.dmd(teacher, jax.random.key(9), steps=200, batch_size=32, num_pairs=256, learning_rate=1e-3)
     assert {"gen", "fake", "regression"} <= set(student.history[-1])
     _check(student, teacher.process.prior_sample(jax.random.key(3), (6, 2)), jnp.arange(6) % 5)
+    held_out = students.teacher_pairs(teacher, jax.random.key(31), 256)
+    start = {"gen": teacher.params, "fake": teacher.params}
+    before = energy_distance(student.sample(start, None, held_out["noise"], held_out["y"]), held_out["x0"])
+    after = energy_distance(student.sample(student.params, None, held_out["noise"], held_out["y"]), held_out["x0"])
+    _closer(after, before, 0.6, "energy distance of one-step samples to held-out teacher samples")
 
 
 def test_fit_resumes_exactly(tmp_path):

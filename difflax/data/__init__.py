@@ -1,18 +1,25 @@
-"""Datasets: embedded ones (2-D toys, sklearn digits) and tfds image datasets through grain.
+"""Datasets: embedded ones (2-D toys, sklearn digits), tfds image datasets through grain, latents.
 
-Embedded datasets are deterministic functions of ``(seed, step)``: the batch a training
+Every dataset's batches are deterministic functions of ``(seed, step)``: the batch a training
 step sees depends on nothing else, so a resumed run reads exactly the batches it would
 have read without stopping, and each process of a multi-host job takes its own slice.
+
+* :mod:`~difflax.data.arrays`: the batch interface, per-process slicing, :class:`ArrayDataset`.
+* :mod:`~difflax.data.toy2d`, :mod:`~difflax.data.digits`, :mod:`~difflax.data.tfds`,
+  :mod:`~difflax.data.latents`: the datasets.
+* :mod:`~difflax.data.registry`: :func:`make_dataset`, a dataset by config name.
 """
 
+from difflax.data.arrays import ArrayDataset, Batch
 from difflax.data.digits import digits_dataset, load_digits
-from difflax.data.pipeline import ArrayDataset, Batch, make_dataset
-from difflax.data.toy2d import TOY_DATASETS, sample_toy, toy_mixture
+from difflax.data.registry import make_dataset
+from difflax.data.toy2d import TOY_DATASETS, ToyDataset, sample_toy, toy_mixture
 
 __all__ = [
     "TOY_DATASETS",
     "ArrayDataset",
     "Batch",
+    "ToyDataset",
     "digits_dataset",
     "load_digits",
     "make_dataset",

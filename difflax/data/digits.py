@@ -13,6 +13,8 @@ import functools
 import jax
 import numpy as np
 
+from difflax.data.arrays import ArrayDataset
+
 __all__ = ["digits_dataset", "load_digits"]
 
 
@@ -50,9 +52,7 @@ def load_digits(split: str = "train", size: int = 8, mode: str = "pad"):
     return images, labels
 
 
-def digits_dataset(split: str = "train", size: int = 8, mode: str = "pad"):
-    """The digits as an :class:`~difflax.data.pipeline.ArrayDataset`."""
-    from difflax.data.pipeline import ArrayDataset
-
+def digits_dataset(split: str = "train", size: int = 8, mode: str = "pad") -> ArrayDataset:
+    """The digits as an :class:`~difflax.data.arrays.ArrayDataset`."""
     images, labels = load_digits(split, size, mode)
     return ArrayDataset(images=images, labels=labels)

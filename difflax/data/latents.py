@@ -3,7 +3,7 @@
 Encoding images with a frozen autoencoder once, ahead of training, turns latent-diffusion
 training (LDM, DiT) into training on a small array dataset. :class:`LatentDataset` reads
 such a dataset with the interface of the embedded datasets
-(:mod:`difflax.data.pipeline`): ``batch(seed, step, batch_size, process_index,
+(:mod:`difflax.data.arrays`): ``batch(seed, step, batch_size, process_index,
 process_count)`` is this process's slice of the global batch of ``step``, a pure function
 of ``(seed, step)``, read in epochs of a fresh permutation per ``(seed, epoch)``.
 
@@ -22,12 +22,11 @@ same for the class count, which otherwise is ``max(labels) + 1``.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import numpy as np
 
-from difflax.data.pipeline import Batch, _local_slice
+from difflax.data.arrays import Batch, epoch_indices, local_slice
 
 __all__ = ["LatentDataset", "latent_dataset"]
 
@@ -85,24 +84,12 @@ class LatentDataset:
             f"num_classes={self.num_classes}, scale={self.scale}, flip={self.flip})"
         )
 
-    @functools.lru_cache(maxsize=2)  # noqa: B019 (a dataset lives as long as its run)
-    def _permutation(self, seed: int, epoch: int) -> np.ndarray:
-        return np.random.default_rng([seed, epoch]).permutation(len(self))
-
-    def _indices(self, seed: int, start: int, count: int) -> np.ndarray:
-        epochs, offsets = np.divmod(np.arange(start, start + count), len(self))
-        out = np.empty(count, dtype=np.int64)
-        for epoch in np.unique(epochs):
-            sel = epochs == epoch
-            out[sel] = self._permutation(int(seed), int(epoch))[offsets[sel]]
-        return out
-
     def batch(self, seed: int, step: int, batch_size: int, process_index: int = 0, process_count: int = 1) -> Batch:
         """This process's slice of the global batch of ``step``: a pure function of ``(seed, step)``."""
         if step < 0:
             raise ValueError(f"step must be non-negative; got {step}.")
-        local = _local_slice(batch_size, process_index, process_count)
-        idx = self._indices(seed, step * batch_size, batch_size)[local]
+        local = local_slice(batch_size, process_index, process_count)
+        idx = epoch_indices(seed, step * batch_size, batch_size, len(self))[local]
         order = np.argsort(idx)  # sorted reads are faster from a memory map
         x = np.empty((len(idx), *self.example_shape), np.float32)
         x[order] = self.latents[idx[order]]

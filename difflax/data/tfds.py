@@ -1,7 +1,7 @@
 """Any tfds image dataset through ``tfds.data_source`` (ArrayRecord, no TensorFlow) and grain.
 
 :class:`TfdsDataset` has the interface of the embedded datasets
-(:mod:`difflax.data.pipeline`): ``batch(seed, step, batch_size, process_index,
+(:mod:`difflax.data.arrays`): ``batch(seed, step, batch_size, process_index,
 process_count)`` returns this process's slice ``{"x": (B / P, H, W, C) float32 in [-1, 1],
 "y": (B / P,) int32}`` of the global batch of ``step``, a pure function of ``(seed, step)``.
 The pipeline is a grain ``MapDataset`` (random access, so no iterator state is needed):
@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from difflax.data.pipeline import Batch, _local_slice
+from difflax.data.arrays import Batch, local_slice
 
 __all__ = ["TfdsDataset", "center_crop_resize", "import_tfds_and_grain", "tfds_dataset"]
 
@@ -211,14 +211,14 @@ class TfdsDataset:
 
     def _read(self, args: tuple) -> Batch:
         seed, step, batch_size, process_index, process_count = args
-        local = _local_slice(batch_size, process_index, process_count)
+        local = local_slice(batch_size, process_index, process_count)
         return self._batches(seed, local.stop - local.start)[step * process_count + process_index]
 
     def batch(self, seed: int, step: int, batch_size: int, process_index: int = 0, process_count: int = 1) -> Batch:
         """This process's slice of the global batch of ``step``: a pure function of ``(seed, step)``."""
         if step < 0:
             raise ValueError(f"step must be non-negative; got {step}.")
-        _local_slice(batch_size, process_index, process_count)  # checks the arguments
+        local_slice(batch_size, process_index, process_count)  # checks the arguments
         args = (int(seed), int(step), int(batch_size), int(process_index), int(process_count))
         ahead, self._ahead = self._ahead, None
         result = ahead[1].result() if ahead is not None and ahead[0] == args else self._read(args)
@@ -249,7 +249,7 @@ class TfdsDataset:
         """
         if start_step < 0:
             raise ValueError(f"start_step must be non-negative; got {start_step}.")
-        local = _local_slice(batch_size, process_index, process_count)
+        local = local_slice(batch_size, process_index, process_count)
         batches = self.records(seed).batch(local.stop - local.start, drop_remainder=True)
         mine = batches[process_index::process_count]
         options = self._grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)

@@ -3,11 +3,13 @@
 All generators are pure JAX, ``sample_toy(name, key, n) -> (x, y)`` with ``x`` of shape
 ``(n, 2)`` (roughly unit scale) and integer labels ``y``. The mixtures also exist as an
 exact :class:`~difflax.analytic.GaussianMixture` (:func:`toy_mixture`), so metrics on them
-can use exact densities.
+can use exact densities. :class:`ToyDataset` reads fresh draws as a dataset of
+:mod:`difflax.data.arrays`: the global batch of step ``s`` is ``sample_toy(name, fold_in(key(seed), s))``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -15,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from difflax.analytic import GaussianMixture
+from difflax.data.arrays import Batch, local_slice
 
-__all__ = ["TOY_DATASETS", "sample_toy", "toy_mixture"]
+__all__ = ["TOY_DATASETS", "ToyDataset", "sample_toy", "toy_mixture"]
 
 
 def _swiss_roll(key, n):
@@ -72,3 +75,26 @@ def sample_toy(name: str, key: jax.Array, n: int):
     if name not in TOY_DATASETS:
         raise ValueError(f"Unknown toy dataset {name!r}; expected one of {', '.join(map(repr, TOY_DATASETS))}.")
     return TOY_DATASETS[name](key, n)
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyDataset:
+    """Fresh draws of a generated 2-D dataset: step ``s`` reads ``sample_toy(name, fold_in(key, s))``."""
+
+    name: str
+
+    def __post_init__(self):
+        if self.name not in TOY_DATASETS:
+            raise ValueError(f"Unknown toy dataset {self.name!r}; expected one of {', '.join(TOY_DATASETS)}.")
+
+    example_shape = (2,)
+
+    @property
+    def num_classes(self) -> int:
+        return {"grid": 5, "rings": 8, "swiss_roll": 3, "moons": 2}[self.name]
+
+    def batch(self, seed: int, step: int, batch_size: int, process_index: int = 0, process_count: int = 1) -> Batch:
+        key = jax.random.fold_in(jax.random.key(seed), step)
+        x, y = sample_toy(self.name, key, batch_size)
+        local = local_slice(batch_size, process_index, process_count)
+        return {"x": np.asarray(x)[local], "y": np.asarray(y)[local]}

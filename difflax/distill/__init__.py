@@ -2,19 +2,19 @@
 
 Every method is a pure loss over denoisers (the teacher frozen, the student being
 trained), so it composes with any network and any optimizer;
-:mod:`difflax.train.students` trains Flax students with them.
+:mod:`difflax.train.distill` trains Flax students with them (:mod:`difflax.train.advkd` the Adv-KD student).
 
 * :mod:`~difflax.distill.progressive`: progressive distillation (Salimans & Ho 2022).
 * :mod:`~difflax.distill.consistency`: consistency distillation and training (Song et al.
   2023), with the improved recipe (Song & Dhariwal 2024) and multistep sampling.
 * :mod:`~difflax.distill.reflow`: reflow on teacher couplings and path straightness (Liu et al. 2023).
-* :mod:`~difflax.distill.guided`: guidance distillation (Meng et al. 2023).
+* :mod:`~difflax.distill.guidance`: guidance distillation (Meng et al. 2023).
 * :mod:`~difflax.distill.dmd`: distribution matching distillation (Yin et al. 2024) / Diff-Instruct.
-* :mod:`~difflax.distill.adversarial`: adversarial knowledge distillation, Adv-KD (Mekonnen et al. 2023).
+* :mod:`~difflax.distill.advkd`: adversarial knowledge distillation, Adv-KD (Mekonnen et al. 2023).
 * :mod:`~difflax.distill.trajectories`: teacher trajectories as a stored dataset.
 """
 
-from difflax.distill.adversarial import (
+from difflax.distill.advkd import (
     PAPER_NUM_STAGES,
     advkd_loss,
     advkd_timesteps,
@@ -24,7 +24,6 @@ from difflax.distill.adversarial import (
     generator_loss,
     gradient_penalty,
     interpolates,
-    regression_loss,
     stage_factors,
     stage_times,
 )
@@ -42,8 +41,8 @@ from difflax.distill.consistency import (
     sample_level_index,
 )
 from difflax.distill.dmd import dmd_fake_loss, dmd_generator_loss, dmd_regression_loss
-from difflax.distill.guided import guidance_distillation_loss
-from difflax.distill.progressive import ddim_step, progressive_loss, progressive_target, student_grid
+from difflax.distill.guidance import guidance_distillation_loss
+from difflax.distill.progressive import progressive_loss, progressive_target, student_grid
 from difflax.distill.reflow import reflow_loss, straightness
 from difflax.distill.trajectories import load_trajectories, save_trajectories, teacher_trajectories
 
@@ -58,7 +57,6 @@ __all__ = [
     "critic_loss",
     "ct_curriculum",
     "ct_target_decay",
-    "ddim_step",
     "distance",
     "dmd_fake_loss",
     "dmd_generator_loss",
@@ -76,7 +74,6 @@ __all__ = [
     "progressive_loss",
     "progressive_target",
     "reflow_loss",
-    "regression_loss",
     "sample_level_index",
     "save_trajectories",
     "stage_factors",

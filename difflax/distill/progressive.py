@@ -22,16 +22,14 @@ import jax.numpy as jnp
 
 from difflax.losses import loss_weight
 from difflax.processes import broadcast_to
+from difflax.transitions import coefficients, ddim_step, eps_from_x0
 
-__all__ = ["ddim_step", "progressive_loss", "progressive_target", "student_grid"]
+__all__ = ["progressive_loss", "progressive_target", "student_grid"]
 
 
-def ddim_step(process, z, t, s, x0_hat):
-    """Deterministic DDIM from ``t`` to ``s``: ``alpha_s x0 + (sigma_s / sigma_t)(z - alpha_t x0)``."""
-    a_t, s_t = process.alpha_sigma(t)
-    a_s, s_s = process.alpha_sigma(s)
-    ratio = broadcast_to(s_s / s_t, z)
-    return broadcast_to(a_s, z) * x0_hat + ratio * (z - broadcast_to(a_t, z) * x0_hat)
+def _ddim(process, z, t, s, x0_hat):
+    """Deterministic DDIM from ``t`` to ``s`` (per-example times): ``alpha_s x0 + sigma_s eps_t``."""
+    return ddim_step(x0_hat, eps_from_x0(z, x0_hat, coefficients(process, t, like=z)), coefficients(process, s, like=z))
 
 
 def progressive_target(teacher, process, z, t, t_mid, t_next):
@@ -40,8 +38,8 @@ def progressive_target(teacher, process, z, t, t_mid, t_next):
     ``t``, ``t_mid`` and ``t_next`` are per-example ``(batch,)``; ``t_next`` may be exactly 0
     (``sigma = 0``), where the target is the teacher's second prediction.
     """
-    z_mid = ddim_step(process, z, t, t_mid, teacher(z, t))
-    z_next = ddim_step(process, z_mid, t_mid, t_next, teacher(z_mid, t_mid))
+    z_mid = _ddim(process, z, t, t_mid, teacher(z, t))
+    z_next = _ddim(process, z_mid, t_mid, t_next, teacher(z_mid, t_mid))
     a_t, s_t = process.alpha_sigma(t)
     a_n, s_n = process.alpha_sigma(t_next)
     ratio = s_n / s_t

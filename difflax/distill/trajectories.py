@@ -46,10 +46,8 @@ def teacher_trajectories(
     save = np.asarray(save_steps, dtype=np.int32).reshape(-1)
     if save.size and (save.min() < 0 or save.max() > steps):
         raise ValueError(f"save_steps must lie in [0, steps={steps}]; got {save.tolist()}.")
-    name, solver_obj = resolve_solver(solver, solver_args)
-    ts, final_zero = resolve_grid(grid, name, process, steps, None)
-    if solver_obj.stochastic and key is None:
-        raise ValueError(f"solver {name!r} is stochastic; pass key=jax.random.key(...).")
+    solver_obj = resolve_solver(solver, solver_args)
+    ts, final_zero = resolve_grid(grid, solver_obj, process, steps, None)
     x0, info = sample(denoise, process, x_T, solver=solver_obj, steps=steps, grid=ts, key=key,
                       return_trajectory=True, final_zero=final_zero)
     traj = info["trajectory"]

@@ -1,16 +1,14 @@
 """A feature network for sklearn's 8x8 digits, trained by difflax itself: FDD and class accuracy.
 
 FID's Inception features mean nothing on 8x8 grey digits, so difflax evaluates its
-digits models with a small CNN classifier trained here, deterministically, in a few
-seconds on CPU:
+digits models with a small classifier trained here, deterministically:
 
 * data: the caller passes ``(x_train, y_train, x_test, y_test)`` in ``[-1, 1]``, shape
   ``(N, 8, 8, 1)``; the recipes use the fixed split of :func:`difflax.data.load_digits`
   (every fifth image held out: 1437 train, 360 test), so "held out" means the same images
   for the diffusion model and the classifier (metrics sit below the data layer, so the
   data comes in as arguments);
-* network: an MLP ``64 -> 128 -> 64 -> 10`` with ReLUs (a CNN gains nothing on 8x8
-  images and costs 20x more to train on CPU); the 64-d post-ReLU penultimate
+* network: an MLP ``64 -> 128 -> 64 -> 10`` with ReLUs; the 64-d post-ReLU penultimate
   activations are the *features*;
 * training: Adam (lr ``2e-3``), cross-entropy, 40 epochs of fixed-size minibatches of
   128 from a fixed key, the whole run one ``lax.scan`` under ``jit``, so training twice

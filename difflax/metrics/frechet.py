@@ -21,8 +21,8 @@ symmetrized instead:
 Every step is a symmetric eigenproblem, so it is backward stable and needs no
 regularizing offset. The computation is host-side numpy in float64: the matrices are
 small (at most ``2048 x 2048``), it happens once per evaluation, and float64 keeps
-``d^2`` (a difference of traces of size ``~ tr(S)``) accurate to about ``1e-12`` relative,
-whatever the device's x64 setting.
+``d^2`` (a difference of traces of size ``~ tr(S)``) accurate whatever the device's x64
+setting.
 """
 
 from __future__ import annotations

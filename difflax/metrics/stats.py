@@ -26,8 +26,6 @@ An empty :func:`init` acts as the identity of :func:`merge`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,7 +37,6 @@ __all__ = [
     "init",
     "load_stats",
     "merge",
-    "merge_all",
     "merge_stacked",
     "psum_stats",
     "save_stats",
@@ -159,16 +156,6 @@ def merge_stacked(stats: FeatureStats) -> FeatureStats:
     out = FeatureStats(count=stats.count[0], mean=stats.mean[0], m2=stats.m2[0])
     for i in range(1, stats.count.shape[0]):
         out = merge(out, FeatureStats(count=stats.count[i], mean=stats.mean[i], m2=stats.m2[i]))
-    return out
-
-
-def merge_all(parts: Iterable[FeatureStats]) -> FeatureStats:
-    """Merge any number of statistics (left fold of :func:`merge`)."""
-    out = None
-    for p in parts:
-        out = p if out is None else merge(out, p)
-    if out is None:
-        raise ValueError("merge_all needs at least one FeatureStats.")
     return out
 
 

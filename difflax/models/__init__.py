@@ -1,14 +1,15 @@
 """Flax linen networks for diffusion and flow models.
 
 Every model is called as ``model.apply(variables, x, t, y=None, train=False, self_cond=None)``
-and predicts a quantity of the shape of ``x``; :class:`Preconditioned` (or
-:func:`difflax.as_denoiser`) turns it into a denoiser ``x0_hat(x_t, t)``.
+and predicts a quantity of the shape of ``x``; :func:`difflax.as_denoiser` turns it into a
+denoiser ``x0_hat(x_t, t)`` (:func:`difflax.train.builders.make_denoiser` does so for a
+model and its parameters).
 
 * :class:`UNet`: DDPM++ / ADM U-Net for images (Song et al. 2021; Dhariwal & Nichol 2021).
 * :class:`DiT`: Diffusion Transformer (Peebles & Xie 2023); standard sizes via :func:`dit`.
 * :class:`MLPResNet`: residual MLP for low-dimensional data.
 * :class:`AdvKDStudent`, :class:`AdvKDCritics`: the one-pass student and per-stage critics of
-  adversarial knowledge distillation (:mod:`difflax.distill.adversarial`).
+  adversarial knowledge distillation (:mod:`difflax.distill.advkd`).
 """
 
 from difflax.models.advkd import AdvKDCritics, AdvKDStudent, advkd_networks
@@ -21,7 +22,6 @@ from difflax.models.embeddings import (
 )
 from difflax.models.layers import SelfAttention
 from difflax.models.mlp import MLPResBlock, MLPResNet
-from difflax.models.precond import Preconditioned
 from difflax.models.unet import AttentionBlock, ResBlock, UNet
 
 __all__ = [
@@ -35,7 +35,6 @@ __all__ = [
     "DiTBlock",
     "MLPResBlock",
     "MLPResNet",
-    "Preconditioned",
     "ResBlock",
     "SelfAttention",
     "UNet",

@@ -12,7 +12,7 @@
 
 Images are NHWC, ``data_shape = (H, W, C)``; flat data has ``data_shape = (D,)``.
 Resolutions come as per-stage downsampling factors
-(:func:`difflax.distill.adversarial.stage_factors`). Submodules follow the paper's
+(:func:`difflax.distill.advkd.stage_factors`). Submodules follow the paper's
 DCGAN-style recipe (two 3x3 convolutions with a normalization and leaky ReLU), with group
 normalization instead of batch normalization and a residual connection.
 """
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from difflax.distill.adversarial import stage_factors
+from difflax.distill.advkd import stage_factors
 
 Array = jax.Array
 
@@ -216,7 +216,7 @@ def advkd_networks(
 ) -> tuple[AdvKDStudent, AdvKDCritics]:
     """A student with ``num_outputs`` stages and its critics, small defaults for 8x8 digits and 2-D toys.
 
-    Image resolutions follow :func:`~difflax.distill.adversarial.stage_factors` down to
+    Image resolutions follow :func:`~difflax.distill.advkd.stage_factors` down to
     ``min_size``. Defaults: 32 student channels and 16 critic channels for images, width 128
     and 128 for flat data.
     """

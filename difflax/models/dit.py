@@ -67,6 +67,12 @@ def sincos_position_embedding(height: int, width: int, dim: int) -> np.ndarray:
     return np.concatenate([encode(rows), encode(cols)], axis=1).astype(np.float32)
 
 
+def _adaln_zero(c: Array, chunks: int, features: int, kw: dict) -> list[Array]:
+    """``chunks`` float32 vectors of width ``features`` from one zero-initialized ``Dense(SiLU(c))``."""
+    mod = nn.Dense(chunks * features, kernel_init=_ZEROS, **kw, name="adaLN_modulation")(nn.silu(c))
+    return jnp.split(mod.astype(jnp.float32), chunks, axis=-1)
+
+
 def _modulate(x: Array, shift: Array, scale: Array) -> Array:
     return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
 
@@ -94,8 +100,7 @@ class DiTBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array, c: Array) -> Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        mod = nn.Dense(6 * self.hidden_size, kernel_init=_ZEROS, **kw, name="adaLN_modulation")(nn.silu(c))
-        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod.astype(jnp.float32), 6, axis=-1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = _adaln_zero(c, 6, self.hidden_size, kw)
         h = _modulate(_layer_norm("norm1")(x), shift1, scale1)
         h = SelfAttention(self.num_heads, kernel_init=_XAVIER, **kw, name="attention")(h)
         h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
@@ -119,8 +124,7 @@ class FinalLayer(nn.Module):
     @nn.compact
     def __call__(self, x: Array, c: Array) -> Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        mod = nn.Dense(2 * self.hidden_size, kernel_init=_ZEROS, **kw, name="adaLN_modulation")(nn.silu(c))
-        shift, scale = jnp.split(mod.astype(jnp.float32), 2, axis=-1)
+        shift, scale = _adaln_zero(c, 2, self.hidden_size, kw)
         x = _modulate(_layer_norm("norm")(x), shift, scale)
         features = self.patch_size**2 * self.out_channels
         return nn.Dense(features, kernel_init=_ZEROS, **kw, name="linear")(x)
@@ -188,17 +192,7 @@ class DiT(nn.Module):
         h = nn.Dense(self.hidden_size, kernel_init=_XAVIER, **kw, name="patch_embed")(patches)
         h = h.astype(jnp.float32) + sincos_position_embedding(grid_h, grid_w, self.hidden_size)[None]
 
-        c = ConditionEmbedding(
-            self.hidden_size,
-            self.num_classes,
-            self.embedding,
-            frequency_dim=self.frequency_dim,
-            max_period=self.max_period,
-            fourier_scale=self.fourier_scale,
-            **kw,
-            guidance=self.guidance_embedding,
-            name="condition",
-        )(t, y, batch, w)
+        c = ConditionEmbedding.of(self, self.hidden_size, self.frequency_dim)(t, y, batch, w)
 
         block = maybe_remat(DiTBlock, self.remat)
         for i in range(self.depth):

@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from difflax.conditions import batch_condition
+
 Array = jax.Array
 Dtype = Any
 
@@ -88,9 +90,7 @@ class ClassEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, y: Array | None, batch: int) -> Array:
-        if y is None:
-            y = jnp.full((batch,), self.num_classes, jnp.int32)
-        y = jnp.broadcast_to(jnp.asarray(y, jnp.int32).reshape(-1), (batch,))
+        y = batch_condition(self.num_classes if y is None else jnp.ravel(y), batch).astype(jnp.int32)
         table = nn.Embed(
             self.num_classes + 1,
             self.features,
@@ -124,6 +124,28 @@ class ConditionEmbedding(nn.Module):
     guidance: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+
+    @classmethod
+    def of(cls, model: nn.Module, features: int, frequency_dim: int) -> ConditionEmbedding:
+        """The ``"condition"`` submodule of a network, configured by the network's fields.
+
+        ``model`` has ``num_classes``, ``embedding``, ``max_period``, ``fourier_scale``,
+        ``guidance_embedding``, ``dtype`` and ``param_dtype`` (as :class:`~difflax.models.UNet`,
+        :class:`~difflax.models.DiT` and :class:`~difflax.models.MLPResNet`); call this inside
+        the network's compact ``__call__``, which makes it the submodule's parent.
+        """
+        return cls(
+            features,
+            model.num_classes,
+            model.embedding,
+            frequency_dim=frequency_dim,
+            max_period=model.max_period,
+            fourier_scale=model.fourier_scale,
+            guidance=model.guidance_embedding,
+            dtype=model.dtype,
+            param_dtype=model.param_dtype,
+            name="condition",
+        )
 
     @nn.compact
     def __call__(self, t: Array, y: Array | None, batch: int, w: Array | None = None) -> Array:

@@ -86,17 +86,7 @@ class MLPResNet(nn.Module):
         out_shape = x.shape if self.out_features is None else (batch, self.out_features)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = with_self_condition(x, self_cond, self.self_condition).reshape(batch, -1)
-        c = ConditionEmbedding(
-            self.features,
-            self.num_classes,
-            self.embedding,
-            frequency_dim=self.frequency_dim,
-            max_period=self.max_period,
-            fourier_scale=self.fourier_scale,
-            **kw,
-            guidance=self.guidance_embedding,
-            name="condition",
-        )(t, y, batch, w)
+        c = ConditionEmbedding.of(self, self.features, self.frequency_dim)(t, y, batch, w)
         h = nn.Dense(self.features, **kw, name="dense_in")(x).astype(jnp.float32)
         block = maybe_remat(MLPResBlock, self.remat)
         for i in range(self.num_blocks):

@@ -230,21 +230,16 @@ class UNet(nn.Module):
                 name=name,
             )(h, c)
 
+        def resample(h, c, direction, name):
+            if self.resblock_updown:
+                return block(h, c, h.shape[-1], name, resample=direction)
+            return Resample(direction, conv=True, **kw, name=name)(h)
+
         def attention(h, name):
             heads = h.shape[-1] // self.head_channels if self.head_channels else self.num_heads
             return attn_block(heads, self.norm_groups, self.rescale_skip, **kw, name=name)(h)
 
-        c = ConditionEmbedding(
-            4 * self.base_channels,
-            self.num_classes,
-            self.embedding,
-            frequency_dim=self.base_channels,
-            max_period=self.max_period,
-            fourier_scale=self.fourier_scale,
-            **kw,
-            guidance=self.guidance_embedding,
-            name="condition",
-        )(t, y, x.shape[0], w)
+        c = ConditionEmbedding.of(self, 4 * self.base_channels, self.base_channels)(t, y, x.shape[0], w)
 
         h = nn.Conv(self.base_channels * self.channel_mult[0], (3, 3), kernel_init=_INIT, **kw, name="conv_in")(x)
         skips = [h]
@@ -257,11 +252,7 @@ class UNet(nn.Module):
                     h = attention(h, f"down{level}_attn{i}")
                 skips.append(h)
             if level != last:
-                name = f"down{level}_resample"
-                if self.resblock_updown:
-                    h = block(h, c, h.shape[-1], name, resample="down")
-                else:
-                    h = Resample("down", conv=True, **kw, name=name)(h)
+                h = resample(h, c, "down", f"down{level}_resample")
                 skips.append(h)
                 resolution //= 2
 
@@ -276,11 +267,7 @@ class UNet(nn.Module):
                 if resolution in self.attention_resolutions:
                     h = attention(h, f"up{level}_attn{i}")
             if level:
-                name = f"up{level}_resample"
-                if self.resblock_updown:
-                    h = block(h, c, h.shape[-1], name, resample="up")
-                else:
-                    h = Resample("up", conv=True, **kw, name=name)(h)
+                h = resample(h, c, "up", f"up{level}_resample")
                 resolution *= 2
 
         h = nn.silu(_group_norm(self.norm_groups, "norm_out")(h))

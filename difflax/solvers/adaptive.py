@@ -25,11 +25,8 @@ Why these coordinates and not the process time ``t`` (score_sde) or EDM's
 * Straight trajectories stay straight: a path linear in EDM's ``sigma / alpha``
   (Karras et al. 2022, sec. 3) is linear in ``r`` too, so nothing is lost against
   EDM's choice while the interval becomes compact.
-* Measured on the exact denoiser of a 2-D three-mode mixture (x64, Tsit5,
-  ``rtol = atol = 1e-5``, 256 prior draws, same endpoint error): NFE in ``t`` vs ``r``
-  is 127 vs 91 (VP), 133 vs 91 (sub-VP), 121 vs 97 (VE), 259 vs 97 (EDM) and 97 vs 97
-  (flow, where ``r = t``); for the cosine DDPM table, whose ``alpha(t)`` has kinks at
-  the table's knots, 754 NFE in ``t`` with a 100x larger error against 97 in ``r``.
+* Fewer evaluations for the same endpoint error than stepping in ``t``, most of all for
+  EDM and for the discrete tables, whose ``alpha(t)`` has kinks at the table's knots.
 
 Evaluation count. Tsit5 and Dopri5 are 7-stage first-same-as-last (FSAL) methods:
 every *attempted* step, accepted or rejected, evaluates 6 new stages, and the first
@@ -58,8 +55,9 @@ from collections.abc import Callable
 import diffrax
 import jax
 import jax.numpy as jnp
-from flax import struct
 
+from difflax import pytree
+from difflax.checks import check_choice, check_positive_int
 from difflax.solvers.base import call
 
 __all__ = ["METHODS", "Adaptive", "flow_coordinates", "solve_ode", "time_from_r"]
@@ -71,9 +69,7 @@ _FIRST_STEP = 0.01  # first step as a fraction of the interval
 
 
 def check_method(method: str) -> str:
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; expected one of {', '.join(map(repr, METHODS))}.")
-    return method
+    return check_choice(method, tuple(METHODS), "method")
 
 
 def flow_coordinates(process, t):
@@ -195,12 +191,14 @@ def pf_ode(denoise, process, x, t0, t1, *, rtol, atol, method="tsit5", max_steps
     return (c1 * z1).astype(dtype), info
 
 
-@struct.dataclass
+@pytree.dataclass
 class Adaptive:
     """Adaptive probability-flow ODE sampler (diffrax), the analogue of score_sde's ``ode_sampler``.
 
     Integrates from ``ts[0]`` to the last positive time of the grid (only the ends of the
-    grid are used), then takes the final denoising step if the grid ends in ``0``.
+    grid are used), then takes the final denoising step if the grid ends in ``0``. It chooses
+    its own steps, so it is not a :class:`~difflax.solvers.base.Solver`: :func:`difflax.sample`
+    calls :meth:`solve` and refuses the options it cannot honour (``return_trajectory``).
 
     Attributes:
       rtol, atol: tolerances of the PID step-size controller (traced; score_sde: 1e-5).
@@ -212,15 +210,15 @@ class Adaptive:
 
     rtol: float = 1e-5
     atol: float = 1e-5
-    method: str = struct.field(pytree_node=False, default="tsit5")
-    max_steps: int = struct.field(pytree_node=False, default=4096)
-    throw: bool = struct.field(pytree_node=False, default=True)
+    method: str = pytree.field(static=True, default="tsit5")
+    max_steps: int = pytree.field(static=True, default=4096)
+    throw: bool = pytree.field(static=True, default=True)
     stochastic = False
+    default_grid = "uniform"  # only the ends are used
 
     def __post_init__(self):
         check_method(self.method)
-        if not isinstance(self.max_steps, int) or self.max_steps < 1:
-            raise ValueError(f"max_steps must be a positive int; got {self.max_steps!r}.")
+        check_positive_int(self.max_steps, "max_steps")
 
     def solve(self, denoise, process, x_T, ts, final_zero, key=None):
         """``(x, info)``: ``info`` has ``nfe``, ``steps`` (accepted), ``rejected_steps``, ``success``, ``ts``."""

@@ -1,10 +1,10 @@
 """DDPM ancestral sampling and DDIM, in continuous time for any process.
 
-Between a noisier time ``s`` and a cleaner time ``t`` write ``h = lambda_t - lambda_s``
-with ``lambda = log(alpha / sigma)``. The posterior ``q(x_t | x_s, x0)`` has mean
-``alpha_t x0 + sigma_t e^{-h} eps_s`` and variance ``sigma_t^2 (1 - e^{-2h})``, where
-``eps_s = (x_s - alpha_s x0) / sigma_s`` (Kingma et al. 2021, eq. 7-8, rewritten in
-``lambda``; for a discrete VP table this is DDPM's ``beta~``).
+Both are the transitions of :mod:`difflax.transitions` with ``x0 = D(x_s, s)``: between a
+noisier time ``s`` and a cleaner time ``t`` (``h = lambda_t - lambda_s``,
+``lambda = log(alpha / sigma)``) the posterior ``q(x_t | x_s, x0)`` has mean
+``alpha_t x0 + sigma_t e^{-h} eps_s`` and variance ``sigma_t^2 (1 - e^{-2h})``, DDPM's
+``beta~`` for a discrete VP table (Kingma et al. 2021, eq. 7-8).
 
 * :class:`DDIM` (Song et al. 2021, eq. 12):
   ``x_t = alpha_t x0 + sqrt(sigma_t^2 - c^2) eps_s + c z`` with
@@ -21,28 +21,21 @@ Both evaluate the denoiser once per step.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
-from flax import struct
 
-from difflax.solvers.base import SolverState, call, coefficients, eps_from_x0, exp_neg_h, init_state
+from difflax import pytree
+from difflax.checks import check_choice
+from difflax.solvers.base import Solver, Step, call
+from difflax.transitions import coefficients, ddim_step, eps_from_x0, forward_std, posterior_mean, posterior_std
 
 __all__ = ["DDIM", "DDPM"]
 
 
-def _posterior_parts(denoise, process, state: SolverState, t, t_next):
-    s, c = coefficients(process, t), coefficients(process, t_next)
-    x0 = call(denoise, state.x, t)
-    eps = eps_from_x0(state.x, x0, s)
-    ratio = exp_neg_h(s, c)  # e^{-h}
-    one_minus = -jnp.expm1(2.0 * jnp.log(ratio))  # 1 - e^{-2h}
-    return s, c, x0, eps, ratio, one_minus
-
-
-@struct.dataclass
-class DDIM:
+@pytree.dataclass
+class DDIM(Solver):
     """Denoising diffusion implicit models (Song et al. 2021) with stochasticity ``eta`` (traced)."""
 
     eta: float = 0.0
+    default_grid = "uniform"
 
     @property
     def stochastic(self) -> bool:
@@ -52,37 +45,30 @@ class DDIM:
         except (TypeError, jax.errors.ConcretizationTypeError):
             return True
 
-    def init(self, process, x, key, num_steps):
-        return init_state(x, key)
-
-    def step(self, denoise, process, state: SolverState, t, t_next) -> SolverState:
-        _, c, x0, eps, _, one_minus = _posterior_parts(denoise, process, state, t, t_next)
-        std = self.eta * c.sigma * jnp.sqrt(one_minus)
-        x = c.alpha * x0 + jnp.sqrt(jnp.maximum(c.sigma**2 - std**2, 0.0)) * eps
-        if state.key is not None:  # without a key eta is a concrete 0 (checked by sample)
-            state, sub = state.next_key()
-            x = x + std * jax.random.normal(sub, x.shape, x.dtype)
-        return state.replace(x=x, nfe=state.nfe + 1, step=state.step + 1)
+    def step(self, denoise, process, x, state, step: Step):
+        s, c = coefficients(process, step.t), coefficients(process, step.t_next)
+        x0 = call(denoise, x, step.t)
+        if step.key is None:  # eta is a concrete 0 (run checks the key)
+            return ddim_step(x0, eps_from_x0(x, x0, s), c), state
+        std = self.eta * posterior_std(s, c)
+        out = ddim_step(x0, eps_from_x0(x, x0, s), c, std)
+        return out + std * jax.random.normal(step.key, x.shape, x.dtype), state
 
 
-@struct.dataclass
-class DDPM:
+@pytree.dataclass
+class DDPM(Solver):
     """Ancestral sampling of Ho et al. 2020 with ``variance`` ``"beta_tilde"`` or ``"beta"`` (static)."""
 
-    variance: str = struct.field(pytree_node=False, default="beta_tilde")
+    variance: str = pytree.field(static=True, default="beta_tilde")
     stochastic = True
+    default_grid = "uniform"
 
     def __post_init__(self):
-        if self.variance not in ("beta_tilde", "beta"):
-            raise ValueError(f"variance must be 'beta_tilde' or 'beta'; got {self.variance!r}.")
+        check_choice(self.variance, ("beta_tilde", "beta"), "variance")
 
-    def init(self, process, x, key, num_steps):
-        return init_state(x, key)
-
-    def step(self, denoise, process, state: SolverState, t, t_next) -> SolverState:
-        s, c, x0, eps, ratio, one_minus = _posterior_parts(denoise, process, state, t, t_next)
-        mean = c.alpha * x0 + c.sigma * ratio * eps
-        var = (c.sigma if self.variance == "beta_tilde" else s.sigma) ** 2 * one_minus
-        state, sub = state.next_key()
-        x = mean + jnp.sqrt(var) * jax.random.normal(sub, mean.shape, mean.dtype)
-        return state.replace(x=x, nfe=state.nfe + 1, step=state.step + 1)
+    def step(self, denoise, process, x, state, step: Step):
+        s, c = coefficients(process, step.t), coefficients(process, step.t_next)
+        x0 = call(denoise, x, step.t)
+        mean = posterior_mean(x0, eps_from_x0(x, x0, s), s, c)
+        std = posterior_std(s, c) if self.variance == "beta_tilde" else forward_std(s, c)
+        return mean + std * jax.random.normal(step.key, mean.shape, mean.dtype), state

@@ -1,78 +1,108 @@
-"""The solver protocol, shared step coefficients, and the sampling loop.
+"""The solver protocol and the one loop that drives every solver.
 
-A solver is an immutable pytree (``flax.struct.dataclass``): static fields (order,
-variant) decide the program, array fields (``eta``, ``s_churn``, ...) are traced, so
-sweeping them under ``jit`` never recompiles. Each solver has two pure functions
+A solver is an immutable pytree (:func:`difflax.pytree.dataclass`) deriving from
+:class:`Solver`: static fields (order, variant) decide the program, array fields (``eta``,
+``s_churn``, ...) are traced, so sweeping them under ``jit`` never recompiles. It declares
 
-* ``init(process, x_T, key, num_steps) -> SolverState``
-* ``step(denoise, process, state, t, t_next) -> SolverState``
+* ``evals_per_step`` -- denoiser evaluations per step (static);
+* ``default_grid`` -- the grid :func:`difflax.sample` uses when none is given;
+* ``stochastic`` -- whether a step draws noise (then :func:`run` needs a key);
 
-and :func:`run` drives them with one ``lax.scan`` over a time grid, finishing with the
-denoising step ``x0 = D(x, t_min)`` when the grid ends in an exact zero.
+and two pure functions,
+
+* ``init(process, x_T) -> state`` -- its own typed state (multistep history), ``()`` if none;
+* ``step(denoise, process, x, state, step: Step) -> (x, state)`` -- one step from ``step.t``
+  to ``step.t_next``.
+
+The solver computes; :func:`run` counts. It scans over the grid, hands each step its
+interval, its grid position, and its own PRNG key ``fold_in(key, move)``, and returns
+``info["nfe"] = evals_per_step * steps`` plus one for the final denoising step
+``x0 = D(x, t_min)`` (``Solver.final``) when the grid ends in an exact zero. A grid may
+also move *up* in time (RePaint's jumps, :func:`difflax.solvers.inpainting.repaint_moves`): such a
+move re-noises the sample with the forward transition ``q(x_{t_next} | x_t)`` and restarts
+the solver's state, at no evaluation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import struct
+import numpy as np
+
+from difflax.transitions import coefficients, forward_std
 
 Array = jax.Array
 
-__all__ = [
-    "Coefficients",
-    "SolverState",
-    "call",
-    "coefficients",
-    "eps_from_x0",
-    "exp_neg_h",
-    "finish",
-    "init_state",
-    "run",
-    "time_vector",
-]
+__all__ = ["Solver", "Step", "Wrapper", "call", "run", "time_vector"]
 
 
-@struct.dataclass
-class SolverState:
-    """State carried by every solver through the scan.
+class Step(NamedTuple):
+    """What the loop hands a solver for one step.
 
     Attributes:
-      x: current sample.
-      key: PRNG key for stochastic solvers (``None`` for deterministic ones).
-      nfe: number of denoiser evaluations so far (int32 scalar).
-      step: number of steps taken so far (int32 scalar).
-      extra: solver-specific history (previous predictions for multistep methods).
+      t: the current (noisier) time, a scalar.
+      t_next: the time to step to.
+      index: the grid position of ``t`` (int32 scalar; ``0`` at ``t_max``).
+      num_steps: intervals of the whole grid, the final denoising step included (an int,
+        or an int32 scalar where one program serves several step counts).
+      key: this step's PRNG key, or ``None`` when the sampler runs without one.
     """
 
-    x: Array
-    key: Array | None
-    nfe: Array
-    step: Array
-    extra: Any = None
-
-    def next_key(self):
-        """``(state with a fresh key, subkey)``."""
-        key, sub = jax.random.split(self.key)
-        return self.replace(key=key), sub
-
-
-@struct.dataclass
-class Coefficients:
-    """``alpha``, ``sigma`` and ``lambda = log(alpha / sigma)`` (half the log-SNR) at one time."""
-
     t: Array
-    alpha: Array
-    sigma: Array
-    lam: Array
+    t_next: Array
+    index: Array
+    num_steps: int
+    key: Array | None
 
 
-def coefficients(process, t) -> Coefficients:
-    alpha, sigma = process.alpha_sigma(t)
-    return Coefficients(t=t, alpha=alpha, sigma=sigma, lam=0.5 * process.log_snr(t))
+class Solver:
+    """Base class of every solver: the protocol's defaults (see the module docstring)."""
+
+    evals_per_step: int = 1
+    default_grid: str = "logsnr"
+    stochastic: bool = False
+
+    def init(self, process, x: Array) -> Any:
+        """The solver's state at the start (and after a jump up in time): none by default."""
+        return ()
+
+    def step(self, denoise: Callable, process, x: Array, state, step: Step) -> tuple[Array, Any]:
+        raise NotImplementedError
+
+    def final(self, denoise: Callable, process, x: Array, state, t) -> Array:
+        """The final denoising step ``x0 = D(x, t_min)``, the limit of every solver's step to ``sigma = 0``."""
+        return call(denoise, x, t)
+
+
+class Wrapper(Solver):
+    """Base of solver -> solver wrappers: everything is the wrapped solver's (``self.inner``) unless overridden.
+
+    A wrapper acts between the steps of ``inner`` (as optax's ``apply_if_finite`` wraps a
+    transformation) and is run by the same :func:`run`.
+    """
+
+    inner: Solver
+
+    @property
+    def evals_per_step(self) -> int:
+        return self.inner.evals_per_step
+
+    @property
+    def default_grid(self) -> str:
+        return self.inner.default_grid
+
+    @property
+    def stochastic(self) -> bool:
+        return self.inner.stochastic
+
+    def init(self, process, x):
+        return self.inner.init(process, x)
+
+    def final(self, denoise, process, x, state, t):
+        return self.inner.final(denoise, process, x, state, t)
 
 
 def time_vector(t, x):
@@ -88,21 +118,14 @@ def call(denoise: Callable, x: Array, t) -> Array:
     return out
 
 
-def eps_from_x0(x, x0, c: Coefficients):
-    return (x - c.alpha * x0) / c.sigma
-
-
-def exp_neg_h(s: Coefficients, t: Coefficients):
-    """``exp(-(lambda_t - lambda_s)) = alpha_s sigma_t / (alpha_t sigma_s)`` without forming infinities."""
-    return (s.alpha * t.sigma) / (t.alpha * s.sigma)
-
-
-def init_state(x, key, extra=None) -> SolverState:
-    return SolverState(x=x, key=key, nfe=jnp.zeros((), jnp.int32), step=jnp.zeros((), jnp.int32), extra=extra)
+def _renoise(process, x, t, t_next, key):
+    """A draw of the forward transition ``q(x_{t_next} | x_t)``, ``t_next > t``."""
+    up, down = coefficients(process, t_next), coefficients(process, t)
+    return (up.alpha / down.alpha) * x + forward_std(up, down) * jax.random.normal(key, x.shape, x.dtype)
 
 
 def run(
-    solver,
+    solver: Solver,
     denoise: Callable,
     process,
     x_T: Array,
@@ -111,31 +134,53 @@ def run(
     final_zero: bool,
     key: Array | None = None,
     return_trajectory: bool = False,
+    moves=None,
 ):
-    """Integrate from ``ts[0]`` along the grid ``ts`` with ``solver``; see :func:`difflax.sample`."""
+    """Integrate from ``ts[0]`` along the grid ``ts`` with ``solver``; see :func:`difflax.sample`.
+
+    ``moves`` (static, default ``(i, i + 1)`` for every interval) is a sequence of
+    ``(from, to)`` positions in the grid's positive times; a move with ``to < from`` goes up
+    in time (see the module docstring). Returns ``(x, info)``.
+    """
     positive = ts[:-1] if final_zero else ts
     num_steps = ts.shape[0] - 1
-    state = solver.init(process, x_T, key, num_steps)
+    if moves is None:
+        moves = np.stack([np.arange(positive.shape[0] - 1), np.arange(1, positive.shape[0])], axis=1)
+    moves = np.asarray(moves, np.int32).reshape(-1, 2)
+    ups = moves[:, 1] < moves[:, 0]
+    if solver.stochastic or ups.any():
+        if key is None:
+            what = "is stochastic with these settings" if solver.stochastic else "jumps up in time"
+            raise ValueError(f"the sampler {what}; pass key=jax.random.key(...).")
 
-    def body(state, times):
-        t, t_next = times
-        state = solver.step(denoise, process, state, t, t_next)
-        return state, (state.x if return_trajectory else None)
+    def down(x, state, i, j, k):
+        step = Step(positive[i], positive[j], i, num_steps, k)
+        return solver.step(denoise, process, x, state, step)
 
-    state, traj = jax.lax.scan(body, state, (positive[:-1], positive[1:]))
-    return finish(denoise, state, x_T, traj, ts, final_zero=final_zero)
+    def up(x, state, i, j, k):
+        x = _renoise(process, x, positive[i], positive[j], k)
+        return x, solver.init(process, x)
 
+    def body(carry, move):
+        x, state = carry
+        n, i, j = move[0], move[1], move[2]
+        k = None if key is None else jax.random.fold_in(key, n)
+        if ups.any():
+            x, state = jax.lax.cond(j > i, down, up, x, state, i, j, k)
+        else:
+            x, state = down(x, state, i, j, k)
+        return (x, state), (x if return_trajectory else None)
 
-def finish(denoise: Callable, state: SolverState, x_T: Array, traj, ts: Array, *, final_zero: bool):
-    """End a scan over the grid ``ts``: the final denoising step (if ``final_zero``) and ``info``.
-
-    ``traj`` is the stacked per-step ``x`` of the scan, or ``None``.
-    """
-    x, nfe = state.x, state.nfe
+    scan_moves = jnp.asarray(np.concatenate([np.arange(len(moves), dtype=np.int32)[:, None], moves], axis=1))
+    state = solver.init(process, x_T)
+    (x, state), traj = jax.lax.scan(body, (x_T, state), scan_moves)
+    nfe = solver.evals_per_step * int((~ups).sum())
     if final_zero:
-        x = call(denoise, x, ts[-2])
-        nfe = nfe + 1
-    info = {"nfe": nfe, "steps": ts.shape[0] - 1, "ts": ts}
-    if traj is not None:
+        x = solver.final(denoise, process, x, state, positive[-1])
+        nfe += 1
+    info = {"nfe": jnp.asarray(nfe, jnp.int32), "steps": num_steps, "ts": ts}
+    if return_trajectory:
         info["trajectory"] = jnp.concatenate([x_T[None], traj, x[None]] if final_zero else [x_T[None], traj])
+    if ups.any():
+        info["moves"] = moves
     return x, info

@@ -28,51 +28,48 @@ out of the interpolation -- the limit of the formula -- and nothing is infinite.
 from __future__ import annotations
 
 import jax.numpy as jnp
-from flax import struct
 
-from difflax.solvers.base import SolverState, call, coefficients, eps_from_x0, init_state
-from difflax.solvers.dpm import check_order, promote_time, select_by_order, shift_in
+from difflax import pytree
+from difflax.checks import check_choice
+from difflax.solvers.base import Solver, Step, call
+from difflax.solvers.exponential import History, promote_time, select_by_order
+from difflax.transitions import coefficients, eps_from_x0
 
 __all__ = ["DEIS"]
 
 
-@struct.dataclass
-class DEIS:
-    """rho-AB-DEIS of ``order`` in {1, 2, 3} (static, default 3; order 1 is DDIM), 1 evaluation per step."""
+@pytree.dataclass
+class DEIS(Solver):
+    """rho-AB-DEIS of ``order`` in {1, 2, 3} (static, default 3; order 1 is DDIM), 1 evaluation per step.
 
-    order: int = struct.field(pytree_node=False, default=3)
-    stochastic = False
+    The state is the :class:`~difflax.solvers.exponential.History` of ``eps_hat`` at ``rho`` nodes.
+    """
+
+    order: int = pytree.field(static=True, default=3)
 
     def __post_init__(self):
-        check_order(self.order, (1, 2, 3), "deis")
+        check_choice(self.order, (1, 2, 3), "deis order")
 
-    def init(self, process, x, key, num_steps):
-        n_hist = max(self.order - 1, 1)
-        extra = {
-            "eps": jnp.zeros((n_hist, *x.shape), x.dtype),  # eps_{i-1}, eps_{i-2} (newest first)
-            "rho": jnp.zeros((n_hist,), jnp.result_type(x.dtype, jnp.float32)),
-        }
-        return init_state(x, key, extra)
+    def init(self, process, x):
+        return History.empty(max(self.order - 1, 1), x)  # eps_{i-1}, eps_{i-2} (newest first)
 
-    def step(self, denoise, process, state: SolverState, t, t_next) -> SolverState:
-        x = state.x
-        ex = state.extra
-        s, c = coefficients(process, promote_time(t, x)), coefficients(process, promote_time(t_next, x))
+    def step(self, denoise, process, x, hist: History, step: Step):
+        s, c = coefficients(process, promote_time(step.t, x)), coefficients(process, promote_time(step.t_next, x))
         x0 = call(denoise, x, s.t)
         eps = eps_from_x0(x, x0, s)
         rho_s = s.sigma / s.alpha  # inf for alpha_s = 0
         rho_t = c.sigma / c.alpha
         out = c.alpha * x0 + c.sigma * eps  # DDIM: alpha_t (x0 + rho_t eps)
         if self.order >= 2:
-            order_now = jnp.minimum(self.order, state.step + 1)
+            order_now = hist.order(self.order)
             use2 = order_now >= 2
             h = jnp.where(use2, rho_t - rho_s, 0.0)  # H
-            ia = jnp.where(use2, 1.0 / jnp.where(use2, ex["rho"][0] - rho_s, 1.0), 0.0)  # 1 / a
+            ia = jnp.where(use2, 1.0 / jnp.where(use2, hist.nodes[0] - rho_s, 1.0), 0.0)  # 1 / a
             c1_2 = 0.5 * h * h * ia
             coefs = [select_by_order(order_now, [0.0, c1_2])]
             if self.order == 3:
                 use3 = order_now >= 3
-                ib = jnp.where(use3, 1.0 / jnp.where(use3, ex["rho"][1] - rho_s, 1.0), 0.0)  # 1 / b
+                ib = jnp.where(use3, 1.0 / jnp.where(use3, hist.nodes[1] - rho_s, 1.0), 0.0)  # 1 / b
                 den = jnp.where(use3, ib - ia, 1.0)
                 c1 = ia * ia * (h**3 * ib / 3.0 - h * h / 2.0) / den
                 c2 = -ib * ib * (h**3 * ia / 3.0 - h * h / 2.0) / den
@@ -80,7 +77,6 @@ class DEIS:
                     select_by_order(order_now, [0.0, c1_2, c1]),
                     select_by_order(order_now, [0.0, 0.0, c2]),
                 ]
-            corr = sum(coef * (ex["eps"][j] - eps) for j, coef in enumerate(coefs))
+            corr = sum(coef * (hist.values[j] - eps) for j, coef in enumerate(coefs))
             out = out + c.alpha * corr
-        extra = dict(ex, eps=shift_in(ex["eps"], eps), rho=shift_in(ex["rho"], rho_s))
-        return state.replace(x=out.astype(x.dtype), nfe=state.nfe + 1, step=state.step + 1, extra=extra)
+        return out.astype(x.dtype), hist.push(eps, rho_s)

@@ -28,17 +28,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from difflax.checks import check_positive_int
+
 __all__ = ["GRIDS", "check_grid", "make_grid"]
 
 # Log-SNR beyond this is treated as the end of the range (the flow interpolant has
 # infinite log-SNR at t = 0 and t = 1).
-_LOG_SNR_CLIP = 30.0
+LOG_SNR_CLIP = 30.0
 
 
 def _log_snr_range(process):
     """``(log_snr(t_max), log_snr(t_min))``, clipped to a finite range."""
     ends = jnp.asarray([process.t_max, process.t_min], jnp.result_type(float))
-    lam_lo, lam_hi = jnp.clip(process.log_snr(ends), -_LOG_SNR_CLIP, _LOG_SNR_CLIP)
+    lam_lo, lam_hi = jnp.clip(process.log_snr(ends), -LOG_SNR_CLIP, LOG_SNR_CLIP)
     return lam_lo, lam_hi
 
 
@@ -82,8 +84,7 @@ def make_grid(name: str, process, steps: int, *, final_zero: bool = True, **kwar
     """The named grid with ``steps`` intervals: an array of ``steps + 1`` decreasing times."""
     if name not in GRIDS:
         raise ValueError(f"Unknown grid {name!r}; expected one of {', '.join(map(repr, GRIDS))} or an array of times.")
-    if not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be a positive int; got {steps!r}.")
+    check_positive_int(steps, "steps")
     if name == "trailing" and not final_zero:
         raise ValueError("grid 'trailing' ends with the final denoising step; use final_zero=True.")
     if name != "karras" and kwargs:

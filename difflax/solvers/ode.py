@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
-from difflax.solvers.base import SolverState, call, init_state
+from difflax import pytree
+from difflax.solvers.base import Solver, Step, call
 
 __all__ = ["EDMStochastic", "Euler", "Heun", "velocity"]
 
@@ -34,43 +34,37 @@ def velocity(denoise, process, x, t):
     return d_alpha * x0 + d_sigma * (x - alpha * x0) / sigma
 
 
-@struct.dataclass
-class Euler:
-    """Explicit Euler on the probability-flow ODE in process time (first order, 1 NFE per step)."""
-
-    stochastic = False
-
-    def init(self, process, x, key, num_steps):
-        return init_state(x, key)
-
-    def step(self, denoise, process, state: SolverState, t, t_next) -> SolverState:
-        x = state.x + (t_next - t) * velocity(denoise, process, state.x, t)
-        return state.replace(x=x, nfe=state.nfe + 1, step=state.step + 1)
-
-
-def _heun(denoise, process, x, t, t_next):
+def heun_step(denoise, process, x, t, t_next):
+    """Heun's method (explicit trapezoid) from ``t`` to ``t_next``: 2 evaluations."""
     d = velocity(denoise, process, x, t)
     x_euler = x + (t_next - t) * d
     d_next = velocity(denoise, process, x_euler, t_next)
     return x + 0.5 * (t_next - t) * (d + d_next)
 
 
-@struct.dataclass
-class Heun:
+@pytree.dataclass
+class Euler(Solver):
+    """Explicit Euler on the probability-flow ODE in process time (first order, 1 NFE per step)."""
+
+    default_grid = "karras"
+
+    def step(self, denoise, process, x, state, step: Step):
+        return x + (step.t_next - step.t) * velocity(denoise, process, x, step.t), state
+
+
+@pytree.dataclass
+class Heun(Solver):
     """Heun's method (explicit trapezoid) on the probability-flow ODE: second order, 2 NFE per step."""
 
-    stochastic = False
+    evals_per_step = 2
+    default_grid = "karras"
 
-    def init(self, process, x, key, num_steps):
-        return init_state(x, key)
-
-    def step(self, denoise, process, state: SolverState, t, t_next) -> SolverState:
-        x = _heun(denoise, process, state.x, t, t_next)
-        return state.replace(x=x, nfe=state.nfe + 2, step=state.step + 1)
+    def step(self, denoise, process, x, state, step: Step):
+        return heun_step(denoise, process, x, step.t, step.t_next), state
 
 
-@struct.dataclass
-class EDMStochastic:
+@pytree.dataclass
+class EDMStochastic(Solver):
     """Karras et al. 2022, algorithm 2 (defaults: their ImageNet-64 settings are 40/0.05/50/1.003).
 
     ``s_churn``, ``s_tmin``, ``s_tmax`` and ``s_noise`` are traced.
@@ -80,22 +74,20 @@ class EDMStochastic:
     s_tmin: float = 0.0
     s_tmax: float = float("inf")
     s_noise: float = 1.0
+    evals_per_step = 2
+    default_grid = "karras"
     stochastic = True
 
-    def init(self, process, x, key, num_steps):
-        return init_state(x, key, extra=jnp.asarray(num_steps, jnp.float32))
-
-    def step(self, denoise, process, state: SolverState, t, t_next) -> SolverState:
+    def step(self, denoise, process, x, state, step: Step):
+        t = step.t
         alpha, sigma = process.alpha_sigma(t)
         level = sigma / alpha
         in_range = (level >= self.s_tmin) & (level <= self.s_tmax)
-        gamma = jnp.where(in_range, jnp.minimum(self.s_churn / state.extra, jnp.sqrt(2.0) - 1.0), 0.0)
+        gamma = jnp.where(in_range, jnp.minimum(self.s_churn / step.num_steps, jnp.sqrt(2.0) - 1.0), 0.0)
         level_hat = level * (1.0 + gamma)
         t_hat = jnp.where(gamma > 0, process.t_from_log_snr(-2.0 * jnp.log(level_hat)), t)
         alpha_hat = process.alpha(t_hat)
-        state, sub = state.next_key()
-        z = jax.random.normal(sub, state.x.shape, state.x.dtype)
+        z = jax.random.normal(step.key, x.shape, x.dtype)
         noise = jnp.sqrt(jnp.maximum(level_hat**2 - level**2, 0.0)) * self.s_noise * z
-        x_hat = alpha_hat * (state.x / alpha + noise)
-        x = _heun(denoise, process, x_hat, t_hat, t_next)
-        return state.replace(x=x, nfe=state.nfe + 2, step=state.step + 1)
+        x_hat = alpha_hat * (x / alpha + noise)
+        return heun_step(denoise, process, x_hat, t_hat, step.t_next), state

@@ -14,9 +14,8 @@ few calibration draws ``x_T``. It follows "Optimal Stepsize for Diffusion Sampli
 2. **Dynamic programming over (steps taken ``k``, candidate ``i``).** Stage 0 holds the
    solver's initial state at ``c_0``. At stage ``k`` every candidate ``i`` is reached
    from every earlier candidate ``j < i`` held at stage ``k - 1``, by one step of the
-   *student* solver from the student's own stored state (the full
-   :class:`~difflax.solvers.base.SolverState`, so multistep history such as
-   DPM-Solver++(2M)'s previous prediction is carried along); the cost is
+   *student* solver from the student's own stored sample and solver state (so multistep
+   history such as DPM-Solver++(2M)'s previous prediction is carried along); the cost is
    ``dp[k][i] = min_j E ||step(state[k-1][j], c_j -> c_i) - x*_i||^2`` over the
    calibration batch, and the state reached through the minimizing ``j`` is stored at
    ``(k, i)`` with a back-pointer. The inner minimum over ``j`` is one ``vmap``; the
@@ -60,8 +59,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from difflax.solvers.base import call, coefficients, exp_neg_h, run
+from difflax.checks import check_nonnegative_int, check_positive_int
+from difflax.solvers.base import Solver, Step, call, run
 from difflax.solvers.grids import make_grid
+from difflax.solvers.registry import resolve_solver
+from difflax.transitions import coefficients, ddim_step, eps_from_x0
 
 __all__ = ["optimize_grid", "reference_trajectory"]
 
@@ -70,19 +72,16 @@ __all__ = ["optimize_grid", "reference_trajectory"]
 _LAMBDA_CLIP = 15.0
 
 
-def _data_step(x, d, s, t):
-    """First-order data-prediction exponential integrator (DDIM) from ``s`` to ``t`` with ``x0 = d``."""
-    return (t.sigma / s.sigma) * x + t.alpha * (1.0 - exp_neg_h(s, t)) * d
-
-
 def _midpoint_step(denoise, process, x, s_time, t_time):
     """DPM-Solver-2 with the midpoint in log-SNR (second order, 2 evaluations)."""
     s, t = coefficients(process, s_time), coefficients(process, t_time)
     lam_s = jnp.clip(s.lam, -_LAMBDA_CLIP, _LAMBDA_CLIP)
     lam_t = jnp.clip(t.lam, -_LAMBDA_CLIP, _LAMBDA_CLIP)
     m = coefficients(process, process.t_from_log_snr(lam_s + lam_t))  # log-SNR = 2 lambda
-    u = _data_step(x, call(denoise, x, s_time), s, m)
-    return _data_step(x, call(denoise, u, m.t), s, t)
+    d = call(denoise, x, s_time)
+    u = ddim_step(d, eps_from_x0(x, d, s), m)
+    d = call(denoise, u, m.t)
+    return ddim_step(d, eps_from_x0(x, d, s), t)
 
 
 def reference_trajectory(denoise: Callable, process, x_T: jax.Array, times, reference_steps: int = 16) -> jax.Array:
@@ -96,8 +95,7 @@ def reference_trajectory(denoise: Callable, process, x_T: jax.Array, times, refe
     times = jnp.asarray(times, x_T.dtype)
     if times.ndim != 1 or times.shape[0] < 1:
         raise ValueError(f"times must be a 1-D array; got shape {times.shape}.")
-    if not isinstance(reference_steps, (int, np.integer)) or reference_steps < 1:
-        raise ValueError(f"reference_steps must be a positive int; got {reference_steps!r}.")
+    check_positive_int(reference_steps, "reference_steps")
     frac = jnp.linspace(0.0, 1.0, reference_steps + 1, dtype=x_T.dtype)
 
     def interval(x, pair):
@@ -180,17 +178,14 @@ def optimize_grid(
       (or a later candidate with ``free_end``), followed by ``0`` when ``final_zero``, to
       be passed as ``grid=``.
     """
-    from difflax.solvers import resolve_solver  # the registry imports this module
-
-    name, solver = resolve_solver(solver, solver_args)
-    if hasattr(solver, "solve"):
-        raise ValueError(f"solver {name!r} chooses its own steps; optimize_grid needs a fixed-step solver.")
+    solver = resolve_solver(solver, solver_args)
+    name = type(solver).__name__
+    if not isinstance(solver, Solver):
+        raise ValueError(f"solver {name} chooses its own steps; optimize_grid needs a fixed-step solver.")
     if solver.stochastic:
-        raise ValueError(f"solver {name!r} is stochastic with these settings; optimize_grid needs a deterministic one.")
-    if not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be a positive int; got {steps!r}.")
-    if not isinstance(refine, (int, np.integer)) or refine < 0:
-        raise ValueError(f"refine must be a non-negative int; got {refine!r}.")
+        raise ValueError(f"solver {name} is stochastic with these settings; optimize_grid needs a deterministic one.")
+    check_positive_int(steps, "steps")
+    check_nonnegative_int(refine, "refine")
     x_T = jnp.asarray(x_T)
     if x_T.ndim < 1 or not jnp.issubdtype(x_T.dtype, jnp.floating):
         raise ValueError(f"x_T must be a float array with a leading batch axis; got {x_T.dtype} {x_T.shape}.")
@@ -253,7 +248,7 @@ def _dynamic_program(solver, denoise, process, ref, cand, steps, k_steps, max_ra
     idx = jnp.arange(m)
     x_T = ref[0]
     lam = jnp.clip(0.5 * process.log_snr(cand), -_LAMBDA_CLIP, _LAMBDA_CLIP)
-    state0 = solver.init(process, x_T, None, steps)
+    state0 = (x_T, solver.init(process, x_T))
     states = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (m, *jnp.shape(a))), state0)
     valid = idx == 0
     h_prev = jnp.full((m,), jnp.inf, lam.dtype)  # log-SNR length of the step into each node
@@ -263,10 +258,11 @@ def _dynamic_program(solver, denoise, process, ref, cand, steps, k_steps, max_ra
 
         def target(i):
             def from_j(state, j):
-                return solver.step(denoise, process, state, cand[j], cand[i])
+                x, solver_state = state
+                return solver.step(denoise, process, x, solver_state, Step(cand[j], cand[i], k - 1, steps, None))
 
             new = jax.vmap(from_j)(states, idx)
-            err = jax.vmap(_sq_error, (0, None))(new.x, ref[i])
+            err = jax.vmap(_sq_error, (0, None))(new[0], ref[i])
             h = lam[i] - lam
             ok = valid & (idx < i) & jnp.isfinite(err) & (h <= max_ratio * h_prev)
             err = jnp.where(ok, err, jnp.inf)
@@ -287,7 +283,7 @@ def _dynamic_program(solver, denoise, process, ref, cand, steps, k_steps, max_ra
     (states, valid, _), pointers = jax.lax.scan(stage, (states, valid, h_prev), jnp.arange(1, m))
     # Terminal cost of ending at candidate i with the final denoising step D(x, c_i).
     endpoint = call(denoise, ref[-1], cand[-1])
-    out = jax.vmap(lambda x, t: call(denoise, x, t))(states.x, cand)
+    out = jax.vmap(lambda x, t: call(denoise, x, t))(states[0], cand)
     end_cost = jax.vmap(_sq_error, (0, None))(out, endpoint)
     end_cost = jnp.where(valid & jnp.isfinite(end_cost), end_cost, jnp.inf)
     return pointers, end_cost, endpoint, ref[-1]
@@ -301,7 +297,9 @@ def _path_errors(solver, denoise, process, x_T, cand, paths, target, *, final_ze
         ts = cand[p]
         if final_zero:
             ts = jnp.concatenate([ts, jnp.zeros((1,), ts.dtype)])
-        x, _ = run(solver, denoise, process, x_T, ts, final_zero=final_zero)
+        # optimize_grid checked that the solver is deterministic; traced here, a hyper-parameter such
+        # as DDIM's eta cannot show it, so the loop gets a key whose noise is scaled by that zero.
+        x, _ = run(solver, denoise, process, x_T, ts, final_zero=final_zero, key=jax.random.key(0))
         err = _sq_error(x, target)
         return jnp.where(jnp.isfinite(err), err, jnp.inf)
 

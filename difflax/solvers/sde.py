@@ -26,9 +26,8 @@ and any network parametrization.
     ``e(x) ~ 1 / ||score(x)||^2``, and Langevin dynamics with a state-dependent step
     (without the divergence correction) leaves ``p / e`` rather than ``p`` invariant:
     an ``O(1/D)`` bias that is negligible for images (``D`` in the thousands, where
-    the norms concentrate) but measurable in low dimension (about +9% on the
-    within-mode variance of a 64-D mixture, against +3% with ``norm="batch"``), and in
-    a handful of dimensions ``||score||`` is sometimes near zero and the step explodes
+    the norms concentrate) but measurable in low dimension, and in a handful of dimensions
+    ``||score||`` is sometimes near zero and the step explodes
     (``1 / chi^2_2`` has no mean). Prefer ``norm="example"`` for high-dimensional data
     that must not couple examples.
   - ``predictor="reverse_diffusion"`` (score_sde's ``ReverseDiffusionPredictor``) uses
@@ -57,9 +56,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
-from difflax.solvers.base import SolverState, call, coefficients, exp_neg_h, init_state
+from difflax import pytree
+from difflax.checks import check_choice, check_nonnegative_int, check_positive_int
+from difflax.solvers.base import Solver, Step, call
+from difflax.transitions import coefficients, forward_std
 
 __all__ = ["ALD", "PC", "EulerMaruyama", "score_from_x0"]
 
@@ -78,37 +79,31 @@ def _score(denoise, process, x, t):
 
 def _per_example_norm(v):
     """Euclidean norm over all but the first (batch) axis, shaped to broadcast against ``v``."""
-    norm = jnp.sqrt(jnp.sum(v**2, axis=tuple(range(1, v.ndim)), keepdims=True))
-    return norm
+    return jnp.sqrt(jnp.sum(v**2, axis=tuple(range(1, v.ndim)), keepdims=True))
 
 
-def _em_step(denoise, process, state: SolverState, t, t_next) -> SolverState:
-    x = state.x
+def _em_step(denoise, process, x, t, t_next, key):
+    """Euler-Maruyama on the reverse-time SDE from ``t`` to ``t_next < t``."""
     score = _score(denoise, process, x, t)
     f, g = process.sde_coefficients(t)
     dt = t_next - t  # negative
-    state, sub = state.next_key()
-    z = jax.random.normal(sub, x.shape, x.dtype)
-    x = x + (f * x - g**2 * score) * dt + g * jnp.sqrt(-dt) * z
-    return state.replace(x=x, nfe=state.nfe + 1)
+    z = jax.random.normal(key, x.shape, x.dtype)
+    return x + (f * x - g**2 * score) * dt + g * jnp.sqrt(-dt) * z
 
 
-@struct.dataclass
-class EulerMaruyama:
+@pytree.dataclass
+class EulerMaruyama(Solver):
     """Euler-Maruyama on the reverse-time SDE (Song et al. 2021): 1 NFE per step."""
 
     stochastic = True
+    default_grid = "uniform"
 
-    def init(self, process, x, key, num_steps):
-        return init_state(x, key)
-
-    def step(self, denoise, process, state: SolverState, t, t_next) -> SolverState:
-        state = _em_step(denoise, process, state, t, t_next)
-        return state.replace(step=state.step + 1)
+    def step(self, denoise, process, x, state, step: Step):
+        return _em_step(denoise, process, x, step.t, step.t_next, step.key), state
 
 
-@struct.dataclass
-class PC:
+@pytree.dataclass
+class PC(Solver):
     """Predictor-corrector sampler of Song et al. 2021 (score_sde's ``pc_sampler``).
 
     Attributes:
@@ -123,63 +118,57 @@ class PC:
     """
 
     snr: float = 0.16
-    predictor: str = struct.field(pytree_node=False, default="reverse_diffusion")
-    corrector_steps: int = struct.field(pytree_node=False, default=1)
-    norm: str = struct.field(pytree_node=False, default="batch")
+    predictor: str = pytree.field(static=True, default="reverse_diffusion")
+    corrector_steps: int = pytree.field(static=True, default=1)
+    norm: str = pytree.field(static=True, default="batch")
     stochastic = True
+    default_grid = "uniform"
 
     def __post_init__(self):
-        if self.predictor not in _PREDICTORS:
-            raise ValueError(f"predictor must be one of {', '.join(map(repr, _PREDICTORS))}; got {self.predictor!r}.")
-        if not isinstance(self.corrector_steps, int) or self.corrector_steps < 0:
-            raise ValueError(f"corrector_steps must be a non-negative int; got {self.corrector_steps!r}.")
-        if self.norm not in ("example", "batch"):
-            raise ValueError(f"norm must be 'example' or 'batch'; got {self.norm!r}.")
+        check_choice(self.predictor, _PREDICTORS, "predictor")
+        check_nonnegative_int(self.corrector_steps, "corrector_steps")
+        check_choice(self.norm, ("example", "batch"), "norm")
 
-    def init(self, process, x, key, num_steps):
-        return init_state(x, key)
+    @property
+    def evals_per_step(self) -> int:
+        return self.corrector_steps + (self.predictor != "none")
 
-    def _corrector(self, denoise, process, state: SolverState, t, t_next) -> SolverState:
+    def _corrector(self, denoise, process, x, t, t_next, key):
         a = (process.alpha(t) / process.alpha(t_next)) ** 2  # alpha_i = 1 - beta_i of score_sde
 
-        def body(_, state):
-            score = _score(denoise, process, state.x, t)
-            state, sub = state.next_key()
-            z = jax.random.normal(sub, state.x.shape, state.x.dtype)
+        def body(j, x):
+            score = _score(denoise, process, x, t)
+            z = jax.random.normal(jax.random.fold_in(key, j), x.shape, x.dtype)
             grad_norm, noise_norm = _per_example_norm(score), _per_example_norm(z)
             if self.norm == "batch":
                 grad_norm, noise_norm = jnp.mean(grad_norm), jnp.mean(noise_norm)
             grad_norm = jnp.maximum(grad_norm, jnp.finfo(score.dtype).tiny)
-            step = 2.0 * a * (self.snr * noise_norm / grad_norm) ** 2
-            x = state.x + step * score + jnp.sqrt(2.0 * step) * z
-            return state.replace(x=x, nfe=state.nfe + 1)
+            step_size = 2.0 * a * (self.snr * noise_norm / grad_norm) ** 2
+            return x + step_size * score + jnp.sqrt(2.0 * step_size) * z
 
-        return jax.lax.fori_loop(0, self.corrector_steps, body, state)
+        return jax.lax.fori_loop(0, self.corrector_steps, body, x)
 
-    def _reverse_diffusion(self, denoise, process, state: SolverState, t, t_next) -> SolverState:
+    def _reverse_diffusion(self, denoise, process, x, t, t_next, key):
         s, c = coefficients(process, t), coefficients(process, t_next)
-        x = state.x
         score = _score(denoise, process, x, t)
         a = s.alpha / c.alpha
-        # b^2 = sigma_t^2 - a^2 sigma_next^2 = sigma_t^2 (1 - e^{-2h}), written without cancellation.
-        b2 = s.sigma**2 * -jnp.expm1(2.0 * jnp.log(exp_neg_h(s, c)))
-        state, sub = state.next_key()
-        z = jax.random.normal(sub, x.shape, x.dtype)
-        x = x - (a - 1.0) * x + b2 * score + jnp.sqrt(b2) * z
-        return state.replace(x=x, nfe=state.nfe + 1)
+        b = forward_std(s, c)  # b^2 = sigma_t^2 - a^2 sigma_next^2, without cancellation
+        z = jax.random.normal(key, x.shape, x.dtype)
+        return x - (a - 1.0) * x + b**2 * score + b * z
 
-    def step(self, denoise, process, state: SolverState, t, t_next) -> SolverState:
+    def step(self, denoise, process, x, state, step: Step):
+        corrector_key, predictor_key = jax.random.split(step.key)
         if self.corrector_steps:
-            state = self._corrector(denoise, process, state, t, t_next)
+            x = self._corrector(denoise, process, x, step.t, step.t_next, corrector_key)
         if self.predictor == "reverse_diffusion":
-            state = self._reverse_diffusion(denoise, process, state, t, t_next)
+            x = self._reverse_diffusion(denoise, process, x, step.t, step.t_next, predictor_key)
         elif self.predictor == "euler_maruyama":
-            state = _em_step(denoise, process, state, t, t_next)
-        return state.replace(step=state.step + 1)
+            x = _em_step(denoise, process, x, step.t, step.t_next, predictor_key)
+        return x, state
 
 
-@struct.dataclass
-class ALD:
+@pytree.dataclass
+class ALD(Solver):
     """Annealed Langevin dynamics (NCSN; Song & Ermon 2019, algorithm 1).
 
     Every step moves the sample to the next grid time ``t_next`` (rescaling ``x`` by
@@ -202,30 +191,29 @@ class ALD:
     """
 
     step_lr: float = 2e-5
-    n_steps_each: int = struct.field(pytree_node=False, default=5)
+    n_steps_each: int = pytree.field(static=True, default=5)
     stochastic = True
+    default_grid = "uniform"
 
     def __post_init__(self):
-        if not isinstance(self.n_steps_each, int) or self.n_steps_each < 1:
-            raise ValueError(f"n_steps_each must be a positive int; got {self.n_steps_each!r}.")
+        check_positive_int(self.n_steps_each, "n_steps_each")
 
-    def init(self, process, x, key, num_steps):
-        return init_state(x, key)
+    @property
+    def evals_per_step(self) -> int:
+        return self.n_steps_each
 
-    def step(self, denoise, process, state: SolverState, t, t_next) -> SolverState:
+    def step(self, denoise, process, x, state, step: Step):
+        t, t_next = step.t, step.t_next
         alpha, sigma = process.alpha_sigma(t_next)
         t_last = jnp.asarray(process.t_min, jnp.result_type(t_next))
         level_last = process.sigma(t_last) / process.alpha(t_last)
         eps = self.step_lr * ((sigma / alpha) / level_last) ** 2  # in scaled units
-        state = state.replace(x=state.x * (alpha / process.alpha(t)))
+        x = x * (alpha / process.alpha(t))
 
-        def body(_, state):
+        def body(j, x):
             # Langevin in y = x / alpha at step eps is, in x, a step of alpha^2 eps on grad_x log p.
-            score = _score(denoise, process, state.x, t_next)
-            state, sub = state.next_key()
-            z = jax.random.normal(sub, state.x.shape, state.x.dtype)
-            x = state.x + alpha**2 * eps * score + alpha * jnp.sqrt(2.0 * eps) * z
-            return state.replace(x=x, nfe=state.nfe + 1)
+            score = _score(denoise, process, x, t_next)
+            z = jax.random.normal(jax.random.fold_in(step.key, j), x.shape, x.dtype)
+            return x + alpha**2 * eps * score + alpha * jnp.sqrt(2.0 * eps) * z
 
-        state = jax.lax.fori_loop(0, self.n_steps_each, body, state)
-        return state.replace(step=state.step + 1)
+        return jax.lax.fori_loop(0, self.n_steps_each, body, x), state

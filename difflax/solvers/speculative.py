@@ -71,19 +71,16 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from difflax.solvers.base import coefficients, exp_neg_h
+from difflax.checks import check_batched, check_positive_int
+from difflax.processes import broadcast_to
+from difflax.solvers.ancestral import DDPM
+from difflax.solvers.registry import resolve_grid
+from difflax.transitions import coefficients, exp_neg_h, posterior_std
 
 Array = jax.Array
 
 __all__ = ["reflection_coupling", "speculative_sample"]
-
-
-def _per_example(c, x):
-    """Broadcast a per-example (leading-axes) coefficient against ``x``."""
-    c = jnp.asarray(c)
-    return c.reshape(c.shape + (1,) * (x.ndim - c.ndim))
 
 
 def _dot(a, b, batch_ndim):
@@ -114,15 +111,15 @@ def reflection_coupling(z: Array, u: Array, mean_q: Array, mean_p: Array, std) -
     """
     u = jnp.asarray(u)
     nb = u.ndim  # batch axes
-    std = _per_example(std, mean_q)
+    std = broadcast_to(std, mean_q)
     delta = (mean_p - mean_q) / std
     log_ratio = _dot(z, delta, nb) - 0.5 * _dot(delta, delta, nb)
     coupled = jnp.log(u) <= log_ratio
     norm = jnp.sqrt(_dot(delta, delta, nb))
-    e = delta / _per_example(jnp.where(norm > 0, norm, 1.0), delta)
-    reflected = z - 2.0 * _per_example(_dot(e, z, nb), z) * e
+    e = delta / broadcast_to(jnp.where(norm > 0, norm, 1.0), delta)
+    reflected = z - 2.0 * broadcast_to(_dot(e, z, nb), z) * e
     x = mean_q + std * z
-    y = jnp.where(_per_example(coupled, x), x, mean_p + std * reflected)
+    y = jnp.where(broadcast_to(coupled, x), x, mean_p + std * reflected)
     return x, y, coupled
 
 
@@ -132,14 +129,12 @@ def _step_table(process, pos, dtype):
     Step ``a`` is the ancestral step ``pos[a] -> pos[a + 1]``.
     """
     s, t = coefficients(process, pos[:-1]), coefficients(process, pos[1:])
-    ratio = exp_neg_h(s, t)  # e^{-h}
-    std = t.sigma * jnp.sqrt(-jnp.expm1(2.0 * jnp.log(ratio)))
-    return jnp.stack([s.alpha, t.alpha, t.sigma * ratio / s.sigma, std]).astype(dtype)
+    return jnp.stack([s.alpha, t.alpha, t.sigma * exp_neg_h(s, t) / s.sigma, posterior_std(s, t)]).astype(dtype)
 
 
 def _mean(x, x0, coef):
     """Posterior mean ``alpha_t x0 + sigma_t e^{-h} (x - alpha_s x0) / sigma_s`` (coefficients per example)."""
-    alpha_s, alpha_t, c, _ = (_per_example(v, x) for v in coef)
+    alpha_s, alpha_t, c, _ = (broadcast_to(v, x) for v in coef)
     return alpha_t * x0 + c * (x - alpha_s * x0)
 
 
@@ -188,10 +183,7 @@ def speculative_sample(
       ``rounds_per_example`` (mean rounds an example needed), ``steps`` and ``ts``. The
       plain ancestral sampler makes ``steps`` sequential calls of ``batch`` examples each.
     """
-    from difflax.solvers import resolve_grid  # the registry imports this module
-
-    if not isinstance(K, (int, np.integer)) or isinstance(K, bool) or K < 1:
-        raise ValueError(f"K (draft proposals per round) must be a positive int; got {K!r}.")
+    K = check_positive_int(K, "K (draft proposals per round)")
     if isinstance(draft, str):
         if draft != "frozen":
             raise ValueError(f"draft must be a denoiser or 'frozen'; got {draft!r}.")
@@ -203,14 +195,12 @@ def speculative_sample(
     if key is None:
         raise ValueError("speculative_sample is stochastic; pass key=jax.random.key(...).")
     x_T = jnp.asarray(x_T)
-    if x_T.ndim < 1:
-        raise ValueError(f"x_T must have a batch axis; got shape {x_T.shape}.")
-    ts, final_zero = resolve_grid(grid, "ddpm", process, steps, final_zero)
+    check_batched(x_T, "x_T")
+    ts, final_zero = resolve_grid(grid, DDPM(), process, steps, final_zero)
     pos = ts[:-1] if final_zero else ts  # the positive times the chain visits
     N = pos.shape[0] - 1  # stochastic transitions
     if N < 1:
         raise ValueError(f"steps must leave at least one stochastic transition; got steps={steps} with this grid.")
-    K = int(K)
     B = x_T.shape[0]
     event = x_T.shape[1:]
     rows = jnp.arange(B)
@@ -236,7 +226,7 @@ def speculative_sample(
             coef = step(n + i)
             x0 = hint if frozen else _evaluate(draft, y, times[jnp.minimum(n + i, N)], "draft")
             mean_q = _mean(y, x0, coef)
-            y_next = jnp.where(_per_example(i < r, y), mean_q + _per_example(coef[3], y) * z_i, y)
+            y_next = jnp.where(broadcast_to(i < r, y), mean_q + broadcast_to(coef[3], y) * z_i, y)
             return y_next, (y_next, mean_q)
 
         _, (proposals, means_q) = jax.lax.scan(draft_step, x, (idx[:K], z))
@@ -265,23 +255,23 @@ def speculative_sample(
 
         # No rejection and grid left: a free target transition from y_K.
         coef = step(n + K)
-        free = _mean(states[K], x0p[K], coef) + _per_example(coef[3], x) * noise[K]
+        free = _mean(states[K], x0p[K], coef) + broadcast_to(coef[3], x) * noise[K]
 
-        new_x = jnp.where(_per_example(any_rejected, x), take(replaced, j), free)
+        new_x = jnp.where(broadcast_to(any_rejected, x), take(replaced, j), free)
         new_n = jnp.where(any_rejected, n + j + 1, n + K + 1)
-        new_hint = jnp.where(_per_example(any_rejected, x), take(x0p, j), x0p[K])
+        new_hint = jnp.where(broadcast_to(any_rejected, x), take(x0p, j), x0p[K])
         new_done = finishing
         if not final_zero:  # the state at index N is the output
             reached = ~finishing & (new_n == N)
-            final = jnp.where(_per_example(reached, x), new_x, final)
+            final = jnp.where(broadcast_to(reached, x), new_x, final)
             new_done = finishing | reached
         advance = jnp.where(any_rejected, j + 1, jnp.where(finishing, r + int(final_zero), K + 1))
 
-        upd = lambda new, old: jnp.where(_per_example(active, old), new, old)
+        upd = lambda new, old: jnp.where(broadcast_to(active, old), new, old)
         x = upd(new_x, x)
         hint = upd(new_hint, hint)
         n = jnp.where(active & ~new_done, new_n, n)
-        out = jnp.where(_per_example(active & new_done, out), final, out)
+        out = jnp.where(broadcast_to(active & new_done, out), final, out)
         done = done | (active & new_done)
         count = lambda v: jnp.sum(jnp.where(active, v, 0), dtype=jnp.int32)
         stats = {

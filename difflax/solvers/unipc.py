@@ -42,13 +42,28 @@ The small Vandermonde systems are solved in closed form in the reciprocal nodes
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-from flax import struct
+from typing import NamedTuple
 
-from difflax.solvers.base import SolverState, call, coefficients, init_state
-from difflax.solvers.dpm import check_order, promote_time, select_by_order, shift_in, step_size, zphi
+import jax
+import jax.numpy as jnp
+
+from difflax import pytree
+from difflax.checks import check_choice
+from difflax.solvers.base import Solver, Step, call
+from difflax.solvers.exponential import History, promote_time, select_by_order, step_size, zphi
+from difflax.transitions import coefficients
 
 __all__ = ["UniPC"]
+
+
+class UniPCState(NamedTuple):
+    """UniPC's state: the history of ``x0_hat`` at ``lambda`` nodes, the corrected sample at the
+    previous time with its ``sigma``, and the previous predictor's order (0 before the first step)."""
+
+    history: History
+    x_prev: jax.Array
+    sigma_prev: jax.Array
+    order_prev: jax.Array
 
 
 def _g(h, n):
@@ -120,75 +135,59 @@ def _reciprocal_nodes(h, lam_hist, lam_s0, n, valid_from):
     return out
 
 
-@struct.dataclass
-class UniPC:
+@pytree.dataclass
+class UniPC(Solver):
     """UniPC-``order`` (UniP-p + UniC-p, Zhao et al. 2023) in data prediction, 1 evaluation per step.
 
     ``order`` in {1, 2, 3} (static, default 2), ``variant`` ``"bh1"`` or ``"bh2"`` (static,
     default ``"bh2"``), ``lower_order_final`` (static, default ``True`` as in diffusers).
     """
 
-    order: int = struct.field(pytree_node=False, default=2)
-    variant: str = struct.field(pytree_node=False, default="bh2")
-    lower_order_final: bool = struct.field(pytree_node=False, default=True)
-    stochastic = False
+    order: int = pytree.field(static=True, default=2)
+    variant: str = pytree.field(static=True, default="bh2")
+    lower_order_final: bool = pytree.field(static=True, default=True)
 
     def __post_init__(self):
-        check_order(self.order, (1, 2, 3), "unipc")
-        if self.variant not in ("bh1", "bh2"):
-            raise ValueError(f"unipc: variant must be 'bh1' or 'bh2'; got {self.variant!r}.")
+        check_choice(self.order, (1, 2, 3), "unipc order")
+        check_choice(self.variant, ("bh1", "bh2"), "unipc variant")
 
-    def init(self, process, x, key, num_steps):
-        fdtype = jnp.result_type(x.dtype, jnp.float32)
-        extra = {
-            "x0": jnp.zeros((self.order, *x.shape), x.dtype),  # m_{i-1}, m_{i-2}, ... (newest first)
-            "lam": jnp.zeros((self.order,), fdtype),
-            "x_prev": jnp.zeros_like(x),  # corrected sample at t_{i-1}
-            "sigma_prev": jnp.ones((), fdtype),
-            "order_prev": jnp.zeros((), jnp.int32),  # predictor order of the previous step (0: none)
-            "num_steps": jnp.asarray(num_steps, jnp.int32),
-        }
-        return init_state(x, key, extra)
+    def init(self, process, x):
+        hist = History.empty(self.order, x)  # m_{i-1}, m_{i-2}, ... (newest first)
+        return UniPCState(hist, jnp.zeros_like(x), jnp.ones((), hist.nodes.dtype), jnp.zeros((), jnp.int32))
 
-    def step(self, denoise, process, state: SolverState, t, t_next) -> SolverState:
-        x = state.x
-        ex = state.extra
-        s, c = coefficients(process, promote_time(t, x)), coefficients(process, promote_time(t_next, x))
+    def step(self, denoise, process, x, state: UniPCState, step: Step):
+        hist = state.history
+        s, c = coefficients(process, promote_time(step.t, x)), coefficients(process, promote_time(step.t_next, x))
         m = call(denoise, x, s.t)
         n = self.order - 1
 
         # ---- UniC: correct x (at s, predicted from x_prev at s0 = t_{i-1}) with m = D(x, s).
-        order_c = ex["order_prev"]
+        order_c = state.order_prev
         use_c = order_c >= 1
-        lam_s0 = jnp.where(use_c, ex["lam"][0], s.lam - 1.0)
+        lam_s0 = jnp.where(use_c, hist.nodes[0], s.lam - 1.0)
         h_c = jnp.where(use_c, s.lam - lam_s0, 1.0)
         h_c = jnp.where(s.lam == lam_s0, 0.0, h_c)
-        q_c = _reciprocal_nodes(h_c, ex["lam"][1:], lam_s0, n, order_c)
+        q_c = _reciprocal_nodes(h_c, hist.nodes[1:], lam_s0, n, order_c)
         cks, a_t = _corrector_coefs(h_c, q_c, jnp.maximum(order_c, 1), self.order, self.variant)
-        m0 = ex["x0"][0]
-        k_prev = jnp.where(use_c, s.sigma / ex["sigma_prev"], 0.0)
+        m0 = hist.values[0]
+        k_prev = jnp.where(use_c, s.sigma / state.sigma_prev, 0.0)
         k_m0 = jnp.where(use_c, -zphi(1, -h_c), 0.0)  # 1 - e^{-h}
         corr = k_m0 * m0 - jnp.where(use_c, a_t, 0.0) * (m - m0)
         for k in range(n):
-            corr = corr - jnp.where(use_c, cks[k], 0.0) * (ex["x0"][k + 1] - m0)
-        x_c = (k_prev * ex["x_prev"] + jnp.where(use_c, 0.0, 1.0) * x + s.alpha * corr).astype(x.dtype)
+            corr = corr - jnp.where(use_c, cks[k], 0.0) * (hist.values[k + 1] - m0)
+        x_c = (k_prev * state.x_prev + jnp.where(use_c, 0.0, 1.0) * x + s.alpha * corr).astype(x.dtype)
 
         # ---- UniP: predict x_{i+1} from x_c with m at s.
-        hist_x0 = shift_in(ex["x0"], m)
-        hist_lam = shift_in(ex["lam"], s.lam)
-        order_p = jnp.minimum(self.order, state.step + 1)
-        if self.lower_order_final:
-            order_p = jnp.minimum(order_p, ex["num_steps"] - state.step)
+        order_p = hist.order(self.order)
+        if self.lower_order_final:  # unlike DPM-Solver++, at any number of steps (as diffusers)
+            order_p = jnp.minimum(order_p, step.num_steps - step.index)
+        hist = hist.push(m, s.lam)
         h = step_size(s, c)
-        q_p = _reciprocal_nodes(h, hist_lam[1:], s.lam, n, order_p)
+        q_p = _reciprocal_nodes(h, hist.nodes[1:], s.lam, n, order_p)
         cks = _predictor_coefs(h, q_p, order_p, self.order, self.variant)
         pred = -zphi(1, -h) * m
         for k in range(n):
-            pred = pred - cks[k] * (hist_x0[k + 1] - m)
+            pred = pred - cks[k] * (hist.values[k + 1] - m)
         out = (c.sigma / s.sigma) * x_c + c.alpha * pred
-
-        extra = dict(
-            ex, x0=hist_x0, lam=hist_lam, x_prev=x_c, sigma_prev=s.sigma.astype(ex["sigma_prev"].dtype),
-            order_prev=order_p.astype(jnp.int32),
-        )
-        return state.replace(x=out.astype(x.dtype), nfe=state.nfe + 1, step=state.step + 1, extra=extra)
+        new = UniPCState(hist, x_c, s.sigma.astype(state.sigma_prev.dtype), order_p.astype(jnp.int32))
+        return out.astype(x.dtype), new

@@ -1,9 +1,12 @@
 """Adversarial knowledge distillation end to end: teacher trajectories, the stage student and its critics.
 
-:func:`train_advkd` takes a frozen teacher denoiser and its process, builds the student of
-:mod:`difflax.models.advkd`, trains it with :func:`difflax.train.fit.fit` on the losses of
-:mod:`difflax.distill.adversarial`, and returns something that samples in one pass. (The
-other methods' runners are in :mod:`difflax.train.students`.)
+Adv-KD (Mekonnen, Dall'Asen & Rota 2023) trains a one-pass student of submodules at growing
+resolution, each matched to the teacher's state at one time step by a per-stage WGAN-GP
+critic (and optionally by regression). :func:`train_advkd` takes a frozen teacher denoiser
+and its process, builds the student of :mod:`difflax.models.advkd`, trains it with
+:func:`difflax.train.fit.fit` on the losses of :mod:`difflax.distill.advkd`, and returns
+something that samples in one pass. (The other methods' runners are in
+:mod:`difflax.train.distill`.)
 """
 
 from __future__ import annotations
@@ -17,20 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from difflax.distill.adversarial import advkd_loss, advkd_timesteps, downsample_targets, stage_times
+from difflax.distill.advkd import advkd_loss, advkd_timesteps, downsample_targets, stage_times
 from difflax.distill.trajectories import teacher_trajectories
 from difflax.models.advkd import AdvKDCritics, AdvKDStudent, advkd_networks
 from difflax.solvers import resolve_grid, resolve_solver
 from difflax.train.fit import fit
 
 __all__ = ["AdvKDResult", "advkd_teacher_grid", "train_advkd"]
-
-
-# ============================================================================ Adv-KD
-# Adversarial knowledge distillation (Mekonnen, Dall'Asen & Rota 2023): a one-pass student of
-# submodules at growing resolution, each matched to the teacher's state at one time step by a
-# per-stage WGAN-GP critic (and optionally by regression). Losses: difflax.distill.adversarial;
-# networks: difflax.models.advkd.
 
 
 @dataclass(frozen=True)
@@ -99,8 +95,7 @@ def advkd_teacher_grid(process, times, *, steps: int, solver: str = "ddim", grid
     sit at the stage times. Returns ``(ts, indices)``: ``ts`` the merged decreasing grid (ending
     in 0 when the original does), ``indices[k]`` the position of ``times[k]`` in it.
     """
-    name, _ = resolve_solver(solver, solver_args)
-    ts, final_zero = resolve_grid(grid, name, process, steps, None)
+    ts, final_zero = resolve_grid(grid, resolve_solver(solver, solver_args), process, steps, None)
     ts = np.asarray(ts, dtype=np.float64)
     times = np.asarray(times, dtype=np.float64)
     positive = ts[:-1] if final_zero else ts
@@ -150,8 +145,8 @@ def train_advkd(
     """Adv-KD end to end: teacher trajectories, student and critics, training.
 
     1. Stage time steps: ``timesteps`` (DDPM step indices, noisiest first) or the paper's
-       :func:`~difflax.distill.adversarial.advkd_timesteps` ``(num_stages)``, turned into process
-       times by :func:`~difflax.distill.adversarial.stage_times`; the student has
+       :func:`~difflax.distill.advkd.advkd_timesteps` ``(num_stages)``, turned into process
+       times by :func:`~difflax.distill.advkd.stage_times`; the student has
        ``len(timesteps) + 1`` outputs, the last the sample.
     2. The teacher samples ``num_trajectories`` trajectories from ``x_T`` with ``solver`` on
        its ``teacher_steps``-step grid with the stage times inserted
@@ -160,7 +155,7 @@ def train_advkd(
        ``sqrt(alpha(t)^2 + sigma(t)^2)`` (1 for VP processes) and average-pooled to its
        stage's resolution. ``trajectories`` (``result.trajectories`` of an earlier run with
        the same time steps and grid) skips this step.
-    3. :func:`~difflax.train.fit.fit` minimizes :func:`~difflax.distill.adversarial.advkd_loss`
+    3. :func:`~difflax.train.fit.fit` minimizes :func:`~difflax.distill.advkd.advkd_loss`
        over ``{"student", "critic"}`` with Adam (``betas``; the critics at
        ``critic_learning_rate``, default ``learning_rate``), minibatches of ``batch_size``
        drawn from the trajectories, and an EMA ``ema`` of the parameters. The critics step
@@ -245,7 +240,7 @@ def train_advkd(
     def critic_fn(p, n, x):
         return critics.apply({"params": p}, x, n)
 
-    def loss_fn(p, batch, k, step):
+    def loss_fn(p, batch, k, state):
         return advkd_loss(
             student_fn,
             critic_fn,

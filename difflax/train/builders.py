@@ -1,4 +1,9 @@
-"""Objects a recipe names: the network, the process, the denoiser and the noise-level sampler."""
+"""Objects a recipe names: the network, the process, the denoiser and the noise-level sampler.
+
+A network becomes a denoiser in one way: :func:`make_apply` is the network call (parameters,
+labels, noise scaling) and :func:`difflax.as_denoiser` converts its prediction;
+:func:`make_denoiser` composes the two.
+"""
 
 from __future__ import annotations
 
@@ -44,19 +49,38 @@ def build_process(config):
 
 
 def make_apply(model, params, y=None, *, noise_scale: float = 1.0, train: bool = False, rng=None, w=None):
-    """``apply(x_t, noise) -> raw network output`` with labels ``y`` (and guidance strength ``w``) closed over."""
+    """``apply(x_t, noise) -> network output``: the network call that :func:`difflax.as_denoiser` wraps.
+
+    Labels ``y`` (and the guidance strength ``w``) are closed over; the noise input (``t``,
+    or ``c_noise`` of an ``"edm"`` network) is multiplied by ``noise_scale``, e.g. ``1000`` to
+    give a positional embedding DDPM-like step indices when ``t`` lies in ``[0, 1]``. A
+    network that also predicts variances (twice the channels of ``x_t``, e.g.
+    ``DiT(learn_sigma=True)``, Nichol & Dhariwal 2021) contributes its first half, the
+    prediction of the mean; no loss here trains the variance half.
+    """
 
     def apply(x, noise):
         rngs = {"dropout": rng} if rng is not None else None
         extra = {} if w is None else {"w": w}
-        return model.apply({"params": params}, x, noise_scale * noise, y, train=train, rngs=rngs, **extra)
+        out = model.apply({"params": params}, x, noise_scale * noise, y, train=train, rngs=rngs, **extra)
+        if out.ndim == x.ndim and out.shape[-1] == 2 * x.shape[-1]:
+            out = out[..., : x.shape[-1]]
+        return out
 
     return apply
 
 
-def make_denoiser(model, params, process, prediction: str, y=None, *, noise_scale: float = 1.0, w=None):
-    """The denoiser of a trained network (inference mode): ``denoise(x_t, t) -> x0_hat``."""
-    return as_denoiser(make_apply(model, params, y, noise_scale=noise_scale, w=w), process, prediction)
+def make_denoiser(
+    model, params, process, prediction: str, y=None, *, noise_scale: float = 1.0, w=None, sigma_data=None
+):
+    """The denoiser of a network (inference mode): ``as_denoiser(make_apply(...), process, prediction)``.
+
+    ``prediction`` is what the network outputs (``"eps"``, ``"x0"``, ``"v"``, ``"score"``,
+    ``"velocity"``, or ``"edm"`` for the preconditioned ``F`` of Karras et al. 2022, with
+    ``sigma_data`` defaulting to the process's own); see :func:`difflax.as_denoiser`.
+    """
+    apply = make_apply(model, params, y, noise_scale=noise_scale, w=w)
+    return as_denoiser(apply, process, prediction, sigma_data=sigma_data)
 
 
 def sample_t(config, key, shape, process):

@@ -3,8 +3,8 @@
 The diffusion recipes train with :class:`~difflax.train.loop.Trainer`; distillation
 methods each have their own loss over a frozen teacher (:mod:`difflax.distill`), and
 :func:`fit` drives any of them: ``loss_fn(params, batch, key, state) -> (loss, metrics)``,
-one jitted optax update per step, an EMA of the parameters, and an optional Orbax
-checkpoint so an interrupted run resumes exactly.
+one jitted step of :func:`~difflax.train.step.make_step` (optax update and EMA of the
+parameters) per step, and an optional Orbax checkpoint so an interrupted run resumes exactly.
 
 Adversarial methods (a generator and a critic, or a generator and an auxiliary score
 model) train both players with one loss ``L_1(theta_1, sg(theta_2)) + L_2(sg(theta_1),
@@ -23,33 +23,10 @@ import jax.numpy as jnp
 import optax
 from tqdm import tqdm
 
-from difflax.train.state import TrainState, ema_decay, update_ema
+from difflax.train.state import TrainState
+from difflax.train.step import make_step
 
-__all__ = ["fit", "make_fit_step"]
-
-
-def make_fit_step(loss_fn: Callable, tx: optax.GradientTransformation, ema=0.0):
-    """``step(state, batch) -> (state, metrics)`` for ``loss_fn(params, batch, key, state) -> (loss, metrics)``.
-
-    ``ema`` is a decay, or a function ``ema(step) -> decay`` (e.g. the adaptive target
-    decay of consistency training); a float decay is warmed up as in :func:`ema_decay`.
-    """
-
-    def step(state: TrainState, batch):
-        key = jax.random.fold_in(state.key(), state.step)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key, state)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        if callable(ema):
-            ema_params = update_ema(state.ema_params, params, ema(state.step))
-        elif ema:
-            ema_params = update_ema(state.ema_params, params, ema_decay(state.step, ema))
-        else:
-            ema_params = params
-        state = state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
-        return state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
-
-    return step
+__all__ = ["fit"]
 
 
 def fit(
@@ -95,7 +72,7 @@ def fit(
     state = jax.tree.map(jnp.copy, TrainState.create(params, tx, key))
     if checkpointer is not None and checkpointer.latest_step() is not None:
         state, _ = checkpointer.restore(state)
-    step_fn = jax.jit(make_fit_step(loss_fn, tx, ema), donate_argnums=0)
+    step_fn = jax.jit(make_step(loss_fn, tx, ema), donate_argnums=0)
     history, start, last = [], time.perf_counter(), {}
     for step in tqdm(range(int(state.step), steps), desc=desc, disable=not progress):
         state, metrics = step_fn(state, batches(step))

@@ -61,7 +61,7 @@ class Trainer:
 
     ``dataset`` overrides the recipe's data with any object that has ``batch(seed, step,
     batch_size, process_index, process_count)``, ``example_shape`` and ``num_classes``
-    (see :mod:`difflax.data.pipeline`).
+    (see :mod:`difflax.data.arrays`).
     """
 
     def __init__(self, config, workdir: str, mesh=None, dataset=None):

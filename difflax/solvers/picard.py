@@ -44,9 +44,10 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from difflax.solvers.base import coefficients, exp_neg_h
+from difflax.checks import check_batched, check_positive_int
+from difflax.solvers.registry import get_solver, resolve_grid
+from difflax.transitions import coefficients, exp_neg_h, posterior_std
 
 Array = jax.Array
 
@@ -66,14 +67,15 @@ def step_coefficients(solver: str, process, ts: Array, final_zero: bool) -> tupl
     pos = ts[:-1] if final_zero else ts
     s, t = coefficients(process, pos[:-1]), coefficients(process, pos[1:])
     ratio = exp_neg_h(s, t)  # e^{-h}
-    var = t.sigma**2 * -jnp.expm1(2.0 * jnp.log(ratio))
+    std = posterior_std(s, t)
+    var = std**2
     zeros = jnp.zeros_like(ratio)
     if solver == "ddim":
         a = t.sigma / s.sigma
         b, c = t.alpha - a * s.alpha, zeros
     elif solver == "ddpm":
         a = t.sigma * ratio / s.sigma
-        b, c = t.alpha - a * s.alpha, jnp.sqrt(var)
+        b, c = t.alpha - a * s.alpha, std
     else:  # euler
         dt = pos[1:] - pos[:-1]
         d_alpha, d_sigma = process.alpha_sigma_derivatives(pos[:-1])
@@ -122,24 +124,17 @@ def picard_sample(
       ``padded_nfe`` (``rounds * window``: what the fixed-shape batched calls evaluate),
       ``converged`` (the window reached the end of the grid), ``steps`` and ``ts``.
     """
-    from difflax.solvers import resolve_grid  # the registry imports this module
-
     if solver not in PICARD_SOLVERS:
         raise ValueError(f"Unknown solver {solver!r} for picard_sample; expected one of {', '.join(PICARD_SOLVERS)}.")
     if solver == "ddpm" and key is None:
         raise ValueError("solver 'ddpm' is stochastic; pass key=jax.random.key(...).")
     x_T = jnp.asarray(x_T)
-    if x_T.ndim < 1:
-        raise ValueError(f"x_T must have a batch axis; got shape {x_T.shape}.")
-    ts, final_zero = resolve_grid(grid, solver, process, steps, final_zero)
+    check_batched(x_T, "x_T")
+    ts, final_zero = resolve_grid(grid, get_solver(solver), process, steps, final_zero)
     N = ts.shape[0] - 1  # steps, the final denoising step included
-    window = N if window is None else window
-    if not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 1:
-        raise ValueError(f"window must be a positive int; got {window!r}.")
-    max_rounds = N if max_rounds is None else max_rounds
-    if not isinstance(max_rounds, (int, np.integer)) or isinstance(max_rounds, bool) or max_rounds < 1:
-        raise ValueError(f"max_rounds must be a positive int; got {max_rounds!r}.")
-    p = min(int(window), N)
+    window = check_positive_int(N if window is None else window, "window")
+    max_rounds = check_positive_int(N if max_rounds is None else max_rounds, "max_rounds")
+    p = min(window, N)
     B, event = x_T.shape[0], x_T.shape[1:]
     dtype = x_T.dtype
 

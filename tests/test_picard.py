@@ -16,7 +16,7 @@ import scipy.stats
 
 from difflax import VP, Flow, analytic, sample
 from difflax.solvers import picard_sample
-from difflax.solvers.parallel import step_coefficients
+from difflax.solvers.picard import step_coefficients
 
 MEANS = [[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]]
 STDS = [0.3, 0.5, 0.4]

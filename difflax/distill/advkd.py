@@ -66,7 +66,6 @@ __all__ = [
     "generator_loss",
     "gradient_penalty",
     "interpolates",
-    "regression_loss",
     "stage_factors",
     "stage_times",
 ]
@@ -216,21 +215,6 @@ def gradient_penalty(critic: Callable, real: Array, fake: Array, key: Array, wei
     sq = jnp.sum(jnp.square(grads.reshape(grads.shape[0], -1)), axis=1)
     norms = jnp.sqrt(sq + jnp.finfo(sq.dtype).tiny)  # finite gradient at a zero input gradient
     return weight * jnp.mean(jnp.square(norms - 1.0))
-
-
-def regression_loss(outputs: Sequence[Array], targets: Sequence[Array], weights=None) -> Array:
-    """``sum_n w_n mean |y_n - x'_n|^2`` (per-element mean): the MSE alternative of the paper's ``J``."""
-    if len(outputs) != len(targets):
-        raise ValueError(f"got {len(outputs)} stage outputs for {len(targets)} targets.")
-    weights = (1.0,) * len(outputs) if weights is None else tuple(weights)
-    if len(weights) != len(outputs):
-        raise ValueError(f"weights has {len(weights)} entries for {len(outputs)} stages.")
-    total = 0.0
-    for w, y, x in zip(weights, outputs, targets, strict=True):
-        if y.shape != x.shape:
-            raise ValueError(f"stage output of shape {y.shape} does not match its target {x.shape}.")
-        total = total + w * jnp.mean(jnp.square(y - x))
-    return jnp.asarray(total)
 
 
 def advkd_loss(

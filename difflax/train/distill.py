@@ -3,7 +3,8 @@
 Each runner takes a :class:`Network` (a trained Flax model with what makes it a denoiser),
 trains a student with :func:`difflax.train.fit.fit` on a loss of :mod:`difflax.distill`,
 and returns a :class:`Student`: its parameters, its sampler and the training history.
-Students start from the teacher's weights, as in every paper implemented here.
+Students start from the teacher's weights, as in every paper implemented here. (Adv-KD,
+whose student is a network of its own, is trained by :mod:`difflax.train.advkd`.)
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from flax import traverse_util
 
 import difflax
 from difflax import distill
-from difflax.parametrization import as_denoiser
 from difflax.processes import Flow
-from difflax.train.builders import init_params, make_apply
+from difflax.train.builders import init_params, make_apply, make_denoiser
 from difflax.train.fit import fit
 from difflax.train.optim import make_optimizer
 
@@ -70,8 +70,9 @@ class Network:
         process = self.process if process is None else process
         if process is not self.process and self.prediction != "edm":
             raise ValueError(f"only an 'edm' network can be read on another process; this one is {self.prediction!r}.")
-        sigma_data = getattr(self.process, "sigma_data", None)
-        return as_denoiser(self.apply(params, y, w), process, self.prediction, sigma_data=sigma_data)
+        params = self.params if params is None else params
+        return make_denoiser(self.model, params, process, self.prediction, y, noise_scale=self.noise_scale, w=w,
+                             sigma_data=getattr(self.process, "sigma_data", None))
 
     def batch_labels(self, batch):
         """The batch's labels if the network is class-conditional, else ``None``."""
@@ -115,15 +116,11 @@ def _data_batches(data, batch_size, seed, extra=None):
     return batches
 
 
-def _prior(process, key, shape):
-    return process.prior_sample(key, shape)
-
-
 def teacher_pairs(teacher: Network, key, num: int, solver: str = "heun", steps: int = 18) -> dict:
     """``num`` (noise, sample) pairs of the teacher's sampler from its prior, with balanced random labels
     ``"y"`` for a conditional teacher (:func:`difflax.distill.teacher_trajectories`)."""
     k_noise, k_label = jax.random.split(key)
-    x_T = _prior(teacher.process, k_noise, (num, *teacher.example_shape))
+    x_T = teacher.process.prior_sample(k_noise, (num, *teacher.example_shape))
     y = teacher.labels(k_label, num)
     pairs = jax.jit(lambda x, yy: distill.teacher_trajectories(
         teacher.denoiser(teacher.params, yy), teacher.process, x, steps=steps, solver=solver))(x_T, y)
@@ -379,7 +376,7 @@ def dmd(teacher: Network, key, *, steps: int = 1000, batch_size: int = 64, learn
 
     def loss_fn(p, batch, k, state):
         k_z, k_y, k_gen, k_fake = jax.random.split(k, 4)
-        z = _prior(process, k_z, (batch_size, *shape))
+        z = process.prior_sample(k_z, (batch_size, *shape))
         y = teacher.labels(k_y, batch_size)
         x = generate(p["gen"], z, y)
         real = teacher.denoiser(batch["teacher"], y)

@@ -25,12 +25,10 @@ import jax
 import jax.numpy as jnp
 
 from difflax.processes import EDM, broadcast_to
+from difflax.solvers.grids import LOG_SNR_CLIP
 
 __all__ = ["edm_sigma", "to_edm"]
 
-# As the time grids: log-SNR beyond this counts as the end of the range (finite EDM times
-# for the flow interpolant, whose log-SNR is infinite at both ends).
-_LOG_SNR_CLIP = 30.0
 
 
 def edm_sigma(process, t):
@@ -53,7 +51,8 @@ def to_edm(denoise: Callable, process, sigma_data: float | None = None) -> tuple
         return denoise(broadcast_to(alpha, y) * y, t)
 
     def level(t):
-        lam = jnp.clip(process.log_snr(jnp.asarray(t, jnp.result_type(float))), -_LOG_SNR_CLIP, _LOG_SNR_CLIP)
+        # As the time grids: finite EDM levels for the flow interpolant, whose log-SNR is infinite at both ends.
+        lam = jnp.clip(process.log_snr(jnp.asarray(t, jnp.result_type(float))), -LOG_SNR_CLIP, LOG_SNR_CLIP)
         out = jnp.exp(-0.5 * lam)
         return out if isinstance(out, jax.core.Tracer) else float(out)
 

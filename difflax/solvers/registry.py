@@ -1,0 +1,72 @@
+"""Solver names, and resolving the ``solver`` and ``grid`` arguments every sampler takes."""
+
+from __future__ import annotations
+
+import jax
+
+from difflax.solvers.adaptive import Adaptive
+from difflax.solvers.ancestral import DDIM, DDPM
+from difflax.solvers.base import Solver
+from difflax.solvers.deis import DEIS
+from difflax.solvers.dpm import DPMSolver, DPMSolverPP2M, DPMSolverPP2MSDE, DPMSolverPP2S, DPMSolverPP3M
+from difflax.solvers.grids import check_grid, make_grid
+from difflax.solvers.ode import EDMStochastic, Euler, Heun
+from difflax.solvers.sde import ALD, PC, EulerMaruyama
+from difflax.solvers.unipc import UniPC
+
+__all__ = ["SOLVERS", "get_solver", "resolve_grid", "resolve_solver"]
+
+SOLVERS: dict[str, type] = {
+    "ddpm": DDPM,
+    "ddim": DDIM,
+    "euler": Euler,
+    "heun": Heun,
+    "edm": EDMStochastic,
+    "euler_maruyama": EulerMaruyama,
+    "pc": PC,
+    "ald": ALD,
+    "adaptive": Adaptive,
+    "dpm_solver": DPMSolver,
+    "dpmpp_2s": DPMSolverPP2S,
+    "dpmpp_2m": DPMSolverPP2M,
+    "dpmpp_3m": DPMSolverPP3M,
+    "dpmpp_2m_sde": DPMSolverPP2MSDE,
+    "unipc": UniPC,
+    "deis": DEIS,
+}
+
+
+def get_solver(name: str, **kwargs) -> Solver | Adaptive:
+    """Build the solver ``name`` with its hyper-parameters ``kwargs``."""
+    if name not in SOLVERS:
+        raise ValueError(f"Unknown solver {name!r}; expected one of {', '.join(map(repr, sorted(SOLVERS)))}.")
+    try:
+        return SOLVERS[name](**kwargs)
+    except TypeError as err:
+        raise TypeError(f"solver {name!r}: {err}") from None
+
+
+def resolve_solver(solver, solver_args: dict) -> Solver | Adaptive:
+    """A solver object from a registry name plus keywords, or the solver object itself."""
+    if isinstance(solver, str):
+        return get_solver(solver, **solver_args)
+    if solver_args:
+        raise ValueError("pass solver hyper-parameters either in the solver object or as keywords, not both.")
+    if not hasattr(solver, "default_grid"):
+        raise TypeError(f"solver must be a name from difflax.solvers.SOLVERS or a Solver; got {type(solver).__name__}.")
+    return solver
+
+
+def resolve_grid(grid, solver, process, steps: int, final_zero: bool | None = None) -> tuple[jax.Array, bool]:
+    """``(ts, final_zero)`` from a grid name (default: ``solver.default_grid``) or a user array."""
+    if grid is None:
+        grid = solver.default_grid
+    if isinstance(grid, str):
+        final_zero = True if final_zero is None else final_zero
+        return make_grid(grid, process, steps, final_zero=final_zero), final_zero
+    ts, ends_in_zero = check_grid(grid, process)
+    if final_zero is None:
+        if ends_in_zero is None:
+            raise ValueError("grid is a traced array: pass final_zero=True or False.")
+        final_zero = ends_in_zero
+    return ts, final_zero
