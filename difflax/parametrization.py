@@ -155,6 +155,15 @@ def preconditioning(kind: str, sigma, sigma_data=0.5, *, beta_d=19.9, beta_min=0
     return one, sigma, one, jnp.log(0.5 * sigma)
 
 
+def _coefficients(process: Process, t, x_t, derivatives: bool):
+    """``(alpha, sigma, d_alpha, d_sigma)`` at ``t`` broadcast against ``x_t``; the derivatives only if asked."""
+    alpha, sigma = (broadcast_to(c, x_t) for c in process.alpha_sigma(t))
+    if not derivatives:
+        return alpha, sigma, None, None
+    d_alpha, d_sigma = (broadcast_to(d, x_t) for d in process.alpha_sigma_derivatives(t))
+    return alpha, sigma, d_alpha, d_sigma
+
+
 def as_denoiser(
     apply_fn: Callable, process: Process, prediction: str = "eps", *, sigma_data: float | None = None
 ) -> Denoiser:
@@ -186,11 +195,7 @@ def as_denoiser(
             raise ValueError(f"apply_fn must return an array of the shape of x_t {x_t.shape}; got {out.shape}.")
         if prediction == "x0":
             return out
-        alpha, sigma = process.alpha_sigma(t)
-        d_alpha = d_sigma = None
-        if prediction == "velocity":
-            d_alpha, d_sigma = (broadcast_to(d, x_t) for d in process.alpha_sigma_derivatives(t))
-        return to_x0(out, prediction, x_t, broadcast_to(alpha, x_t), broadcast_to(sigma, x_t), d_alpha, d_sigma)
+        return to_x0(out, prediction, x_t, *_coefficients(process, t, x_t, prediction == "velocity"))
 
     return denoise
 
@@ -200,11 +205,6 @@ def denoiser_to(denoise: Denoiser, process: Process, target: str) -> Callable[[A
     check_prediction(target, name="target")
 
     def model(x_t, t):
-        x0 = denoise(x_t, t)
-        alpha, sigma = process.alpha_sigma(t)
-        d_alpha = d_sigma = None
-        if target == "velocity":
-            d_alpha, d_sigma = (broadcast_to(d, x_t) for d in process.alpha_sigma_derivatives(t))
-        return from_x0(x0, target, x_t, broadcast_to(alpha, x_t), broadcast_to(sigma, x_t), d_alpha, d_sigma)
+        return from_x0(denoise(x_t, t), target, x_t, *_coefficients(process, t, x_t, target == "velocity"))
 
     return model
