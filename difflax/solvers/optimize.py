@@ -39,8 +39,7 @@ but not always a lower RMS error; more calibration draws, ``max_step_ratio`` and
 ``refine`` help.
 
 The cost is ``O(K M^2)`` solver steps on the calibration batch, the reference
-``O(M * reference_steps)``; for a cheap denoiser, ``M = 64``, ten steps and 8-32 draws
-this takes seconds on a CPU (mostly compilation). The result is an ordinary array of
+``O(M * reference_steps)`` (for a cheap denoiser mostly compilation). The result is an ordinary array of
 ``steps + 1`` times: save it with ``np.save`` and pass it back to
 :func:`difflax.sample` as ``grid=``.
 
