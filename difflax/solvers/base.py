@@ -17,7 +17,8 @@ and two pure functions,
 The solver computes; :func:`run` counts. It scans over the grid, hands each step its
 interval, its grid position, and its own PRNG key ``fold_in(key, move)``, and returns
 ``info["nfe"] = evals_per_step * steps`` plus one for the final denoising step
-``x0 = D(x, t_min)`` (``Solver.final``) when the grid ends in an exact zero. A grid may
+``x0 = D(x, t_min)`` (``Solver.final``, handed the last interval, to 0, and its own key)
+when the grid ends in an exact zero. A grid may
 also move *up* in time (RePaint's jumps, :func:`difflax.solvers.inpainting.repaint_moves`): such a
 move re-noises the sample with the forward transition ``q(x_{t_next} | x_t)`` and restarts
 the solver's state, at no evaluation.
@@ -72,9 +73,10 @@ class Solver:
     def step(self, denoise: Callable, process, x: Array, state, step: Step) -> tuple[Array, Any]:
         raise NotImplementedError
 
-    def final(self, denoise: Callable, process, x: Array, state, t) -> Array:
-        """The final denoising step ``x0 = D(x, t_min)``, the limit of every solver's step to ``sigma = 0``."""
-        return call(denoise, x, t)
+    def final(self, denoise: Callable, process, x: Array, state, step: Step) -> Array:
+        """The final denoising step ``x0 = D(x, step.t)`` from the last positive time to ``step.t_next = 0``:
+        the limit of every solver's step to ``sigma = 0``. One evaluation."""
+        return call(denoise, x, step.t)
 
 
 class Wrapper(Solver):
@@ -101,8 +103,8 @@ class Wrapper(Solver):
     def init(self, process, x):
         return self.inner.init(process, x)
 
-    def final(self, denoise, process, x, state, t):
-        return self.inner.final(denoise, process, x, state, t)
+    def final(self, denoise, process, x, state, step: Step):
+        return self.inner.final(denoise, process, x, state, step)
 
 
 def time_vector(t, x):
@@ -176,7 +178,9 @@ def run(
     (x, state), traj = jax.lax.scan(body, (x_T, state), scan_moves)
     nfe = solver.evals_per_step * int((~ups).sum())
     if final_zero:
-        x = solver.final(denoise, process, x, state, positive[-1])
+        k = None if key is None else jax.random.fold_in(key, len(moves))
+        last = Step(positive[-1], ts[-1], jnp.int32(positive.shape[0] - 1), num_steps, k)
+        x = solver.final(denoise, process, x, state, last)
         nfe += 1
     info = {"nfe": jnp.asarray(nfe, jnp.int32), "steps": num_steps, "ts": ts}
     if return_trajectory:

@@ -53,8 +53,8 @@ class ReplaceKnown(Wrapper):
         noisy_known = alpha * self.known + sigma * jax.random.normal(known_key, x.shape, x.dtype)
         return jnp.where(self.mask, noisy_known.astype(x.dtype), x), state
 
-    def final(self, denoise, process, x, state, t):
-        return jnp.where(self.mask, self.known.astype(x.dtype), self.inner.final(denoise, process, x, state, t))
+    def final(self, denoise, process, x, state, step: Step):
+        return jnp.where(self.mask, self.known.astype(x.dtype), self.inner.final(denoise, process, x, state, step))
 
 
 def repaint_moves(num_steps: int, jump_length: int, resample: int) -> list[tuple[int, int]]:

@@ -11,8 +11,13 @@ rectified-flow sampler.
 :class:`EDMStochastic` is algorithm 2 of Karras et al. 2022: before each Heun step the
 noise level is raised from ``sigma`` to ``sigma_hat = sigma (1 + gamma)`` with
 ``gamma = min(S_churn / N, sqrt(2) - 1)`` inside ``[S_tmin, S_tmax]`` by adding
-``sqrt(sigma_hat^2 - sigma^2) S_noise z``. For a process with ``alpha != 1`` the churn
-acts on the scaled noise level ``sigma / alpha`` and the scaled sample ``x / alpha``.
+``sqrt(sigma_hat^2 - sigma^2) S_noise z = sigma sqrt(gamma (2 + gamma)) S_noise z`` (the
+second form is exactly 0 without churn, so ``s_churn = 0`` is :class:`Heun`). ``N`` is the
+number of grid intervals, the last step to ``sigma = 0`` included, and that last step churns
+too when its level lies in the range (Algorithm 2's loop runs to ``i = N - 1``); it is then
+the Euler step from ``sigma_hat``, i.e. ``D(x_hat, sigma_hat)``. For a process with
+``alpha != 1`` the churn acts on the scaled noise level ``sigma / alpha`` and the scaled
+sample ``x / alpha``.
 """
 
 from __future__ import annotations
@@ -67,27 +72,38 @@ class Heun(Solver):
 class EDMStochastic(Solver):
     """Karras et al. 2022, algorithm 2 (defaults: their ImageNet-64 settings are 40/0.05/50/1.003).
 
-    ``s_churn``, ``s_tmin``, ``s_tmax`` and ``s_noise`` are traced.
+    ``s_churn``, ``s_tmin``, ``s_tmax`` and ``s_noise`` are traced. ``churn_final`` (static,
+    default ``True`` as in Algorithm 2) also churns before the final denoising step;
+    ``False`` denoises from ``sigma_min`` directly, as difflax did before.
     """
 
     s_churn: float = 0.0
     s_tmin: float = 0.0
     s_tmax: float = float("inf")
     s_noise: float = 1.0
+    churn_final: bool = pytree.field(static=True, default=True)
     evals_per_step = 2
     default_grid = "karras"
     stochastic = True
 
-    def step(self, denoise, process, x, state, step: Step):
-        t = step.t
-        alpha, sigma = process.alpha_sigma(t)
+    def _churn(self, process, x, step: Step):
+        """``(x_hat, t_hat)``: ``x`` raised from ``sigma`` to ``sigma (1 + gamma)`` in the scaled coordinates."""
+        alpha, sigma = process.alpha_sigma(step.t)
         level = sigma / alpha
         in_range = (level >= self.s_tmin) & (level <= self.s_tmax)
         gamma = jnp.where(in_range, jnp.minimum(self.s_churn / step.num_steps, jnp.sqrt(2.0) - 1.0), 0.0)
-        level_hat = level * (1.0 + gamma)
-        t_hat = jnp.where(gamma > 0, process.t_from_log_snr(-2.0 * jnp.log(level_hat)), t)
+        t_hat = jnp.where(gamma > 0, process.t_from_log_snr(-2.0 * jnp.log(level * (1.0 + gamma))), step.t)
         alpha_hat = process.alpha(t_hat)
         z = jax.random.normal(step.key, x.shape, x.dtype)
-        noise = jnp.sqrt(jnp.maximum(level_hat**2 - level**2, 0.0)) * self.s_noise * z
-        x_hat = alpha_hat * (x / alpha + noise)
+        noise = level * jnp.sqrt(gamma * (2.0 + gamma)) * self.s_noise * z
+        return ((alpha_hat / alpha) * x + alpha_hat * noise).astype(x.dtype), t_hat
+
+    def step(self, denoise, process, x, state, step: Step):
+        x_hat, t_hat = self._churn(process, x, step)
         return heun_step(denoise, process, x_hat, t_hat, step.t_next), state
+
+    def final(self, denoise, process, x, state, step: Step):
+        if not self.churn_final:
+            return call(denoise, x, step.t)
+        x_hat, t_hat = self._churn(process, x, step)
+        return call(denoise, x_hat, t_hat)
