@@ -141,6 +141,12 @@ CASES = [
     ("vp", "deis-1", S.DEIS(order=1), 1),
     ("vp", "deis-2", S.DEIS(order=2), 2),
     ("vp", "deis-3", S.DEIS(order=3), 3),
+    # iPNDM with the variable-step Adams-Bashforth coefficients has order p on any grid (the
+    # fixed, uniform-step coefficients are exact only on grids uniform in rho).
+    ("vp", "ipndm-2-variable_step", S.IPNDM(order=2, variable_step=True), 2),
+    ("vp", "ipndm-3-variable_step", S.IPNDM(order=3, variable_step=True), 3),
+    ("vp", "ipndm-4-variable_step", S.IPNDM(order=4, variable_step=True), 4),
+    ("edm", "ipndm-4-variable_step", S.IPNDM(order=4, variable_step=True), 4),
     ("edm", "dpmpp_3m", S.DPMSolverPP3M(), 3),
     ("edm", "deis-3", S.DEIS(order=3), 3),
     ("flow", "dpm_solver-3", S.DPMSolver(order=3), 3),
@@ -175,6 +181,7 @@ FLOW_CASES = [
     ("unipc", {}, 1, 2),
     ("unipc", {"order": 3, "variant": "bh1"}, 1, 3),
     ("deis", {}, 1, 3),
+    ("ipndm", {"variable_step": True}, 1, 3),
 ]
 FLOW_STEPS = 10
 FLOW_FINE_STEPS = 200

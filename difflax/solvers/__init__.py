@@ -19,6 +19,7 @@ from difflax.solvers.dps import DPS, dps_sample
 from difflax.solvers.edm_coordinates import to_edm
 from difflax.solvers.grids import GRIDS, check_grid, make_grid
 from difflax.solvers.inpainting import ReplaceKnown, inpaint_sample, repaint_moves
+from difflax.solvers.ipndm import IPNDM
 from difflax.solvers.ode import EDMStochastic, Euler, Heun
 from difflax.solvers.optimize import optimize_grid
 from difflax.solvers.picard import picard_sample
@@ -35,6 +36,7 @@ __all__ = [
     "DEIS",
     "DPS",
     "GRIDS",
+    "IPNDM",
     "PC",
     "SOLVERS",
     "Adaptive",

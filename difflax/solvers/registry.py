@@ -10,6 +10,7 @@ from difflax.solvers.base import Solver
 from difflax.solvers.deis import DEIS
 from difflax.solvers.dpm import DPMSolver, DPMSolverPP2M, DPMSolverPP2MSDE, DPMSolverPP2S, DPMSolverPP3M
 from difflax.solvers.grids import check_grid, make_grid
+from difflax.solvers.ipndm import IPNDM
 from difflax.solvers.ode import EDMStochastic, Euler, Heun
 from difflax.solvers.sde import ALD, PC, EulerMaruyama
 from difflax.solvers.unipc import UniPC
@@ -33,6 +34,7 @@ SOLVERS: dict[str, type] = {
     "dpmpp_2m_sde": DPMSolverPP2MSDE,
     "unipc": UniPC,
     "deis": DEIS,
+    "ipndm": IPNDM,
 }
 
 
