@@ -9,6 +9,21 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
+    license_files=["LICENSE"],
+    url="https://github.com/difflax/difflax",
+    project_urls={
+        "Source": "https://github.com/difflax/difflax",
+        "Issues": "https://github.com/difflax/difflax/issues",
+        "Notebooks": "https://github.com/difflax/difflax/tree/main/colabs",
+    },
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Science/Research",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     python_requires=">=3.11",
     packages=find_packages(include=["difflax", "difflax.*"]),
     install_requires=[
