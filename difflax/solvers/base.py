@@ -18,10 +18,9 @@ The solver computes; :func:`run` counts. It scans over the grid, hands each step
 interval, its grid position, and its own PRNG key ``fold_in(key, move)``, and returns
 ``info["nfe"] = evals_per_step * steps`` plus one for the final denoising step
 ``x0 = D(x, t_min)`` (``Solver.final``, handed the last interval, to 0, and its own key)
-when the grid ends in an exact zero. A grid may
-also move *up* in time (RePaint's jumps, :func:`difflax.solvers.inpainting.repaint_moves`): such a
-move re-noises the sample with the forward transition ``q(x_{t_next} | x_t)`` and restarts
-the solver's state, at no evaluation.
+when the grid ends in an exact zero. A grid may also move *up* in time (RePaint's jumps,
+:func:`difflax.solvers.inpainting.repaint_moves`): such a move re-noises the sample with the
+forward transition ``q(x_{t_next} | x_t)`` and restarts the solver's state, at no evaluation.
 """
 
 from __future__ import annotations
