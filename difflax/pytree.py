@@ -9,7 +9,8 @@ A frozen :func:`dataclasses.dataclass` registered with :mod:`jax.tree_util`: arr
 fields are leaves, fields declared with ``field(static=True)`` are auxiliary data that
 must be hashable. Rebuilding from leaves (``jax.tree.map``, ``jit`` outputs) bypasses
 ``__init__``, so ``__post_init__`` validation runs only when a user builds the object,
-never on tracers or placeholders. ``obj.replace(**changes)`` is :func:`dataclasses.replace`.
+never on tracers or the placeholder leaves that JAX's tree utilities pass.
+``obj.replace(**changes)`` is :func:`dataclasses.replace`.
 The core uses this instead of ``flax.struct`` so that it imports no Flax.
 """
 

@@ -25,6 +25,7 @@ forward transition ``q(x_{t_next} | x_t)`` and restarts the solver's state, at n
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -58,8 +59,8 @@ class Step(NamedTuple):
     key: Array | None
 
 
-class Solver:
-    """Base class of every solver: the protocol's defaults (see the module docstring)."""
+class Solver(abc.ABC):
+    """Base class of every solver: ``step`` to implement, defaults for the rest (see the module docstring)."""
 
     evals_per_step: int = 1
     default_grid: str = "logsnr"
@@ -69,8 +70,9 @@ class Solver:
         """The solver's state at the start (and after a jump up in time): none by default."""
         return ()
 
+    @abc.abstractmethod
     def step(self, denoise: Callable, process, x: Array, state, step: Step) -> tuple[Array, Any]:
-        raise NotImplementedError
+        """One step from ``step.t`` to ``step.t_next``: ``(x_next, state_next)``."""
 
     def final(self, denoise: Callable, process, x: Array, state, step: Step) -> Array:
         """The final denoising step ``x0 = D(x, step.t)`` from the last positive time to ``step.t_next = 0``:

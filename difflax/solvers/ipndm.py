@@ -89,14 +89,14 @@ class IPNDM(Solver):
                     order_now = jnp.where(~jnp.isfinite(hist.nodes[k - 1]), jnp.minimum(order_now, k), order_now)
             higher = order_now > 1
             h = jnp.where(higher, rho_t - rho_s, 0.0)
+            rho = jnp.where(higher, rho_s, 0.0)  # finite (rho_s = inf only where the order is 1)
             coefs = []
             for k in range(2, self.order + 1):
                 if self.variable_step:
-                    # Unused or unfilled nodes get distinct finite placeholders (never selected).
-                    nodes = [jnp.where(order_now >= k, hist.nodes[m], rho_s - (m + 1.0)) for m in range(k - 1)]
-                    rho = jnp.where(higher, rho_s, 0.0)
-                    coefs.append(_lagrange_coefficients(rho, h, [jnp.where(higher, n, -(m + 1.0))
-                                                                for m, n in enumerate(nodes)]))
+                    # The formula of order k is evaluated at every step and selected below; where k is
+                    # above the order in use its missing nodes are distinct finite stand-ins.
+                    nodes = [jnp.where(order_now >= k, hist.nodes[m], rho - (m + 1.0)) for m in range(k - 1)]
+                    coefs.append(_lagrange_coefficients(rho, h, nodes))
                 else:
                     coefs.append(list(_FIXED[k]))
             corr = 0.0
