@@ -18,12 +18,21 @@ __all__ = [
     "as_shape",
     "check_batched",
     "check_choice",
+    "check_floating",
     "check_in_range",
     "check_nonnegative_int",
     "check_positive_int",
     "concrete",
     "concrete_float",
 ]
+
+
+def check_floating(x, name: str) -> None:
+    """Raise a ``TypeError`` naming ``name`` unless ``x`` is a floating-point array."""
+    dtype = getattr(x, "dtype", None)
+    dtype = np.asarray(x).dtype if dtype is None else dtype
+    if not jax.numpy.issubdtype(dtype, jax.numpy.floating):
+        raise TypeError(f"{name} must be a floating-point array; got {dtype}. Convert it, e.g. x.astype(jnp.float32).")
 
 
 def concrete(x) -> np.ndarray | None:

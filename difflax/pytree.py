@@ -34,10 +34,26 @@ def _replace(self, **changes):
     return dataclasses.replace(self, **changes)
 
 
+def _check_leaves_first(cls) -> None:
+    """Make ``__post_init__`` reject a string given for a leaf (e.g. ``DDIM(eta="a")``) by name."""
+    post_init = getattr(cls, "__post_init__", None)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.init and not f.metadata.get("static", False) and isinstance(value, str | bytes):
+                raise TypeError(f"{type(self).__name__}: {f.name} must be a number or an array; got {value!r}.")
+        if post_init is not None:
+            post_init(self)
+
+    cls.__post_init__ = __post_init__
+
+
 def dataclass(cls=None, /, **kwargs):
     """Declare ``cls`` a frozen dataclass and a pytree (see the module docstring)."""
 
     def wrap(cls):
+        _check_leaves_first(cls)
         cls = dataclasses.dataclass(frozen=True, **kwargs)(cls)
         fields = [f for f in dataclasses.fields(cls) if f.init]
         static = tuple(f.name for f in fields if f.metadata.get("static", False))

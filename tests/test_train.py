@@ -1,6 +1,5 @@
 """Training system: exact resume, sharding, multi-process, learning, and clear failures."""
 
-import json
 import os
 import signal
 import socket
@@ -84,7 +83,7 @@ def test_kill_in_the_middle_of_a_save_resumes_from_last_complete(tmp_path, unint
         for step in range(10, 15):
             batch = trainer.dataset.batch(config.seed, step, config.train.batch_size)
             state, _ = trainer._step(state, shard_batch(batch, trainer.mesh))
-        trainer.save(state, force=True)  # asynchronous: still being written when the process dies
+        trainer.save(state, 0.0)  # asynchronous: still being written when the process dies
         os.kill(os.getpid(), signal.SIGKILL)
         """
     )
@@ -199,20 +198,7 @@ def test_toy_training_learns_the_distribution(tmp_path):
     assert sw_trained < threshold < sw_untrained, (sw_trained, sw_untrained)
 
 
-def test_bad_inputs_get_clear_errors_and_nothing_is_overwritten(tmp_path):
-    config = tiny_config(steps=5)
-    Trainer(config, str(tmp_path)).run(progress=False)
-    step_dir = tmp_path / "checkpoints" / "5"
-    # Corrupt every array file of the checkpoint.
-    for f in step_dir.rglob("*"):
-        if f.is_file() and f.stat().st_size > 0 and "state" in str(f) and f.suffix not in (".json",):
-            f.write_bytes(b"garbage")
-    before = {str(f): f.read_bytes() for f in step_dir.rglob("*") if f.is_file()}
-    with pytest.raises(CheckpointError, match="cannot be restored"):
-        Trainer(config, str(tmp_path)).run(progress=False)
-    after = {str(f): f.read_bytes() for f in step_dir.rglob("*") if f.is_file()}
-    assert before == after
-
+def test_other_data_and_unknown_flags_are_refused(tmp_path):
     # A checkpoint written for other data shapes is refused, not overwritten.
     other = tmp_path / "other"
     Trainer(tiny_config(steps=2), str(other)).run(progress=False)
@@ -222,11 +208,11 @@ def test_bad_inputs_get_clear_errors_and_nothing_is_overwritten(tmp_path):
     digits_like.model.kwargs.features = 32
     with pytest.raises((ValueError, CheckpointError), match="shape"):
         Trainer(digits_like, str(other)).run(progress=False)
+    assert Trainer(tiny_config(steps=2), str(other)).checkpointer.all_steps() == [2]
 
     result = subprocess.run(
         [sys.executable, "-m", "experiments.main", "--config=configs/toy2d.py", f"--workdir={tmp_path / 'x'}",
          "--config.train.stepz=3"], cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
     )
     assert result.returncode != 0 and "stepz" in result.stderr
-    metrics = tmp_path / "metrics.jsonl"
-    assert all(json.loads(line)["step"] > 0 for line in metrics.read_text().splitlines())
+    assert not (tmp_path / "x").exists()

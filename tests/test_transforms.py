@@ -203,7 +203,7 @@ def data_parallel_reference(loss_fn, tx, config):
     the EMA are applied once. Metrics: the mean loss, the norm of the averaged gradient and
     the optimizer's count of skipped updates.
     """
-    from difflax.train.optim import nonfinite_count
+    from difflax.train.optim import nonfinite_count, nonfinite_in_a_row
     from difflax.train.state import ema_decay, update_ema
 
     grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
@@ -217,7 +217,7 @@ def data_parallel_reference(loss_fn, tx, config):
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             ema_params=update_ema(state.ema_params, params, decay))
         metrics = {"loss": jnp.mean(jnp.stack(losses)), "grad_norm": optax.tree.norm(mean_grad),
-                   "nonfinite": nonfinite_count(opt_state)}
+                   "nonfinite": nonfinite_count(opt_state), "nonfinite_in_a_row": nonfinite_in_a_row(opt_state)}
         return new, metrics
 
     def reference(state, shards, fold_device: bool = True):
@@ -262,7 +262,7 @@ def data_parallel_checks():
         chex.assert_trees_all_close(got, ref, **TOL)
         assert int(got.step) == k + 1
         # (c) the metrics are the means over devices of the per-device metrics
-        assert set(metrics) == {"loss", "grad_norm", "nonfinite"}, metrics.keys()
+        assert set(metrics) == {"loss", "grad_norm", "nonfinite", "nonfinite_in_a_row"}, metrics.keys()
         chex.assert_trees_all_close(_replica(metrics), ref_metrics, **TOL)
         if k < 2:
             assert np.all(np.isfinite(per_device)) and int(metrics["nonfinite"][0]) == 0

@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 
 from difflax import pytree
-from difflax.checks import check_choice, check_positive_int
+from difflax.checks import check_choice, check_floating, check_positive_int
 from difflax.solvers.base import call
 
 __all__ = ["METHODS", "Adaptive", "flow_coordinates", "solve_ode", "time_from_r"]
@@ -222,6 +222,7 @@ class Adaptive:
 
     def solve(self, denoise, process, x_T, ts, final_zero, key=None):
         """``(x, info)``: ``info`` has ``nfe``, ``steps`` (accepted), ``rejected_steps``, ``success``, ``ts``."""
+        check_floating(x_T, "x_T")
         t_end = ts[-2] if final_zero else ts[-1]
         x, info = pf_ode(
             denoise,

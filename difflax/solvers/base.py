@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from difflax.checks import check_floating
 from difflax.transitions import coefficients, forward_std
 
 Array = jax.Array
@@ -145,6 +146,7 @@ def run(
     ``(from, to)`` positions in the grid's positive times; a move with ``to < from`` goes up
     in time (see the module docstring). Returns ``(x, info)``.
     """
+    check_floating(x_T, "x_T")
     positive = ts[:-1] if final_zero else ts
     num_steps = ts.shape[0] - 1
     if moves is None:

@@ -71,21 +71,20 @@ def fit(
     # the jitted step donates its state: copy, so that the caller's params and key stay valid
     state = jax.tree.map(jnp.copy, TrainState.create(params, tx, key))
     if checkpointer is not None and checkpointer.latest_step() is not None:
-        state, _ = checkpointer.restore(state)
+        state, _ = checkpointer.restore_intact(state)
     step_fn = jax.jit(make_step(loss_fn, tx, ema), donate_argnums=0)
-    history, start, last = [], time.perf_counter(), {}
+    history, start = [], time.perf_counter()
     for step in tqdm(range(int(state.step), steps), desc=desc, disable=not progress):
         state, metrics = step_fn(state, batches(step))
         done = step + 1
-        if done % log_every == 0 or done == steps:
+        saving = checkpointer is not None and (done == steps or (save_every and done % save_every == 0))
+        if done % log_every == 0 or done == steps or saving:
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             history.append({"step": done, "seconds": time.perf_counter() - start, **metrics})
-            last = {"loss": metrics["loss"]}
             if not all(map(math.isfinite, metrics.values())):
                 raise FloatingPointError(f"{desc}: non-finite metrics at step {done}: {metrics}")
-        if checkpointer is not None and save_every and done % save_every == 0 and done != steps:
-            checkpointer.save(done, state, {"step": done}, metrics=last or None)
+        if saving:
+            checkpointer.save(done, state, {"step": done}, metrics={"loss": metrics["loss"]})
     if checkpointer is not None:
-        checkpointer.save(int(state.step), state, {"step": int(state.step)}, metrics=last or None, force=True)
         checkpointer.wait()
     return state, history

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
 import os
-import signal
 import time
 
 import jax
@@ -16,12 +16,15 @@ import difflax
 from difflax.data import make_dataset
 from difflax.train import builders, plots
 from difflax.train.checkpoint import Checkpointer
+from difflax.train.config_checks import check_config
 from difflax.train.optim import make_optimizer
+from difflax.train.preemption import Preemption
 from difflax.train.sharding import make_mesh, replicated, shard_batch
 from difflax.train.state import TrainState
 from difflax.train.step import make_train_step
+from difflax.train.workdir import WorkdirLock, check_recipe
 
-__all__ = ["MetricWriter", "Trainer", "train_and_evaluate"]
+__all__ = ["MetricWriter", "Trainer", "TrainingDiverged", "evaluate", "train_and_evaluate"]
 
 
 class MetricWriter:
@@ -56,15 +59,24 @@ class MetricWriter:
             return [json.loads(line) for line in f if line.strip()]
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many updates in a row had non-finite gradients; nothing non-finite was saved."""
+
+
 class Trainer:
     """Holds what one recipe needs to train and sample; :meth:`run` trains to ``train.steps``.
 
     ``dataset`` overrides the recipe's data with any object that has ``batch(seed, step,
     batch_size, process_index, process_count)``, ``example_shape`` and ``num_classes``
-    (see :mod:`difflax.data.arrays`).
+    (see :mod:`difflax.data.arrays`). ``preemption`` is the job's
+    :class:`~difflax.train.preemption.Preemption` (default: a new one, installed while
+    :meth:`run` runs). The recipe is checked (:func:`~difflax.train.config_checks.check_config`)
+    before anything is built.
     """
 
-    def __init__(self, config, workdir: str, mesh=None, dataset=None):
+    def __init__(self, config, workdir: str, mesh=None, dataset=None, preemption: Preemption | None = None):
+        self.mesh = make_mesh() if mesh is None else mesh
+        check_config(config, device_count=self.mesh.devices.size)
         self.config = config
         self.workdir = workdir
         self.is_main = jax.process_index() == 0
@@ -76,7 +88,6 @@ class Trainer:
         self.process = builders.build_process(config.process)
         self.model = builders.build_model(config.model, self.num_classes)
         self.tx = make_optimizer(config.optim, config.train.steps)
-        self.mesh = make_mesh() if mesh is None else mesh
         step_fn = make_train_step(self.model, self.process, self.tx, config, self.num_classes)
         rep = replicated(self.mesh)
         self._step = jax.jit(step_fn, in_shardings=(rep, None), out_shardings=(rep, rep), donate_argnums=0)
@@ -87,7 +98,7 @@ class Trainer:
             async_save=config.train.get("async_checkpoint", True),
         )
         self.writer = MetricWriter(workdir, self.is_main)
-        self._preempted = False
+        self.preemption = Preemption() if preemption is None else preemption
 
     # ---------------------------------------------------------------- state
     def init_state(self) -> TrainState:
@@ -98,77 +109,93 @@ class Trainer:
         return jax.device_put(state, replicated(self.mesh))
 
     def restore_or_init(self) -> TrainState:
+        """The newest intact checkpoint (see :meth:`Checkpointer.restore_intact`), else a new state."""
         state = self.init_state()
-        if self.checkpointer.latest_step() is None:
+        latest = self.checkpointer.latest_step()
+        if latest is None:
             return state
-        restored, meta = self.checkpointer.restore(state)
-        if meta.get("example_shape") != list(self.example_shape):
+        meta = self.checkpointer.read_meta(latest)
+        if meta is not None and meta.get("example_shape") != list(self.example_shape):
             raise ValueError(
                 f"checkpoints in {self.checkpointer.directory} were written for data of shape "
                 f"{meta.get('example_shape')}, but the recipe's data has shape {list(self.example_shape)}; "
                 "use another --workdir."
             )
+        restored, _ = self.checkpointer.restore_intact(state)
         return jax.device_put(restored, replicated(self.mesh))
 
-    def save(self, state: TrainState, metrics: dict | None = None, force: bool = False):
+    def save(self, state: TrainState, loss: float):
+        """Checkpoint ``state`` ranked by ``loss`` (refused if the state is not finite)."""
         step = int(state.step)
         meta = {"step": step, "example_shape": list(self.example_shape), "config": self.config.to_json_best_effort()}
-        self.checkpointer.save(step, state, meta, metrics=metrics, force=force)
+        metric = float(loss) if math.isfinite(loss) else math.inf
+        self.checkpointer.save(step, state, meta, metrics={"loss": metric})
 
     # ---------------------------------------------------------------- loop
-    def _on_sigterm(self, signum, frame):
-        self._preempted = True
+    def _record(self, done: int, metrics, rate: float, history: list) -> dict:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        values["steps_per_sec"] = rate
+        history.append({"step": done, **values})
+        self.writer.write(done, values)
+        limit = self.config.optim.max_nonfinite
+        if values.get("nonfinite_in_a_row", 0) >= limit:
+            latest = self.checkpointer.latest_step()
+            raise TrainingDiverged(
+                f"training diverged: the last {int(values['nonfinite_in_a_row'])} updates up to step {done} had "
+                f"non-finite gradients (config.optim.max_nonfinite = {limit}); they were skipped and nothing "
+                f"non-finite was saved. The last good checkpoint is step {latest} in {self.checkpointer.directory}. "
+                "Lower config.optim.learning_rate, clip gradients (config.optim.grad_clip) or check the data."
+            )
+        return values
 
     def run(self, state: TrainState | None = None, *, stop_at: int | None = None, progress: bool = True):
-        """Train from the latest checkpoint (or ``state``) to ``train.steps`` (or ``stop_at``).
+        """Train from the newest intact checkpoint (or ``state``) to ``train.steps`` (or ``stop_at``).
 
-        On SIGTERM the loop saves a checkpoint at the current step and returns early with
-        ``preempted=True``.
+        Saves every ``train.save_every`` steps and at the end. When :attr:`preemption` says
+        so (SIGTERM; in a multi-process job at a step all processes agree on) it saves the
+        current step, unless it is saved already, and returns early with ``preempted=True``.
+        Raises :class:`TrainingDiverged` after ``optim.max_nonfinite`` non-finite updates in
+        a row (checked whenever metrics are logged and before every save).
         """
         cfg = self.config.train
         state = self.restore_or_init() if state is None else state
-        start = int(state.step)
+        start = saved = int(state.step)
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if self.is_main_thread() else None
+        installed = not self.preemption.installed
+        self.preemption.install()
         bar = tqdm(total=end, initial=start, desc="train", unit="step", disable=not (progress and self.is_main))
-        history = []
+        history, preempted, metrics = [], False, None
         tick, ticks = time.perf_counter(), 0
         try:
             for step in range(start, end):
+                if self.preemption.reached(step):
+                    preempted = True
+                    break
                 batch = self.dataset.batch(
                     self.config.seed, step, cfg.batch_size, jax.process_index(), jax.process_count()
                 )
                 state, metrics = self._step(state, shard_batch(batch, self.mesh))
                 ticks += 1
                 done = step + 1
-                if done % cfg.log_every == 0 or done == end:
-                    metrics = jax.device_get(metrics)
+                saving = done % cfg.save_every == 0 or done == end
+                if done % cfg.log_every == 0 or saving:
                     now = time.perf_counter()
-                    rate = ticks / (now - tick)
+                    values = self._record(done, metrics, ticks / (now - tick), history)
                     tick, ticks = now, 0
-                    values = {**metrics, "steps_per_sec": rate}
-                    history.append({"step": done, **values})
-                    self.writer.write(done, values)
-                    bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", steps_s=f"{rate:.1f}")
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", steps_s=f"{values['steps_per_sec']:.1f}")
+                    if saving:
+                        self.save(state, values["loss"])
+                        saved = done
                 bar.update(1)
-                if done % cfg.save_every == 0 and done != end:
-                    self.save(state, {"loss": float(jax.device_get(metrics["loss"]))})
-                if self._preempted:
-                    break
-            if end > start:  # a run resumed at its end has nothing new to save
-                self.save(state, {"loss": float(jax.device_get(metrics["loss"]))}, force=True)
-            self.checkpointer.wait()
+            if preempted and int(state.step) != saved:
+                values = self._record(int(state.step), metrics, ticks / (time.perf_counter() - tick), history)
+                self.save(state, values["loss"])
         finally:
+            self.checkpointer.wait()  # saves in flight hold good states: let them finish, even on error
             bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-        return state, {"preempted": self._preempted, "history": history}
-
-    @staticmethod
-    def is_main_thread() -> bool:
-        import threading
-
-        return threading.current_thread() is threading.main_thread()
+            if installed:
+                self.preemption.uninstall()
+        return state, {"preempted": preempted, "history": history}
 
     # ---------------------------------------------------------------- sampling
     def sample(self, params, key, num: int, labels=None, solver=None, steps=None, grid=None):
@@ -191,24 +218,56 @@ class Trainer:
                               key=k_solver if stochastic else None)
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-    """Train a recipe, then sample, evaluate and write ``samples.png``, ``loss.png`` and ``metrics.json``."""
+def train_and_evaluate(config, workdir: str, *, dataset=None, preemption: Preemption | None = None,
+                       allow_recipe_change: bool = False) -> dict:
+    """The training job: check the recipe, own ``workdir``, train, then sample and evaluate.
+
+    In order, before anything is built: :func:`~difflax.train.config_checks.check_config`,
+    the work-directory lock (:class:`~difflax.train.workdir.WorkdirLock`), and the recipe
+    check against the run's ``config.json``
+    (:func:`~difflax.train.workdir.check_recipe`, skipped with ``allow_recipe_change``).
+    Then :meth:`Trainer.run`, and :func:`evaluate`, which writes ``samples.png``,
+    ``loss.png`` and ``metrics.json``. ``preemption`` (default: one installed for the
+    call) stops the job cleanly at any point: the result is then ``{"preempted": True, ...}``.
+    ``dataset`` replaces the recipe's data (see :class:`Trainer`).
+    """
+    check_config(config, device_count=jax.device_count())
     os.makedirs(workdir, exist_ok=True)
-    trainer = Trainer(config, workdir)
-    state, status = trainer.run()
-    if status["preempted"]:
-        return {"preempted": True, "step": int(state.step)}
-    results = evaluate(trainer, state)
-    if trainer.is_main:
-        with open(os.path.join(workdir, "metrics.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        plots.loss_curve(trainer.writer.read(), os.path.join(workdir, "loss.png"))
-    return results
+    owned = preemption is None
+    preemption = (Preemption() if owned else preemption).install()
+    try:
+        with WorkdirLock(workdir):
+            checkpoints = os.path.join(workdir, "checkpoints")
+            has_checkpoints = os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
+            check_recipe(config, workdir, has_checkpoints=has_checkpoints, allow_change=allow_recipe_change)
+            trainer = Trainer(config, workdir, dataset=dataset, preemption=preemption)
+            state, status = trainer.run()
+            if status["preempted"]:
+                return {"preempted": True, "stage": "training", "step": int(state.step)}
+            results = evaluate(trainer, state)
+            if results.get("preempted"):
+                return results
+            if trainer.is_main:
+                with open(os.path.join(workdir, "metrics.json"), "w") as f:
+                    json.dump(results, f, indent=2)
+                plots.loss_curve(trainer.writer.read(), os.path.join(workdir, "loss.png"))
+            return results
+    finally:
+        if owned:
+            preemption.uninstall()
 
 
 def evaluate(trainer: Trainer, state: TrainState) -> dict:
-    """Sample with the EMA parameters and score the samples."""
+    """Sample with the EMA parameters and score the samples.
+
+    Returns ``{"preempted": True, ...}`` without scoring when the job was asked to stop
+    (checked before sampling, after sampling and after scoring); the training state is
+    already saved.
+    """
     config = trainer.config
+    stopped = {"preempted": True, "stage": "evaluation", "step": int(state.step)}
+    if trainer.preemption.requested():
+        return stopped
     key = jax.random.key(config.seed + 1)
     num = config.eval.num_samples
     conditional = config.model.get("class_conditional", False)
@@ -216,6 +275,8 @@ def evaluate(trainer: Trainer, state: TrainState) -> dict:
     sample_fn = jax.jit(lambda p, k: trainer.sample(p, k, num, labels=labels))
     x, info = sample_fn(state.ema_params, key)
     x = np.asarray(jax.device_get(x))
+    if trainer.preemption.requested():
+        return stopped
     results = {
         "step": int(state.step),
         "final_loss": trainer.writer.read()[-1]["loss"] if trainer.writer.read() else None,
@@ -223,6 +284,8 @@ def evaluate(trainer: Trainer, state: TrainState) -> dict:
                     "nfe": int(info["nfe"])},
     }
     results.update(score_samples(trainer, x, None if labels is None else np.asarray(labels)))
+    if trainer.preemption.requested():
+        return stopped
     if trainer.is_main:
         real = trainer.dataset.batch(config.seed, 0, min(num, 64))["x"]
         plots.sample_grid(x[:64], real, os.path.join(trainer.workdir, "samples.png"),

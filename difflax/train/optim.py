@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import optax
 
-__all__ = ["make_optimizer", "make_schedule", "nonfinite_count"]
+__all__ = ["make_optimizer", "make_schedule", "nonfinite_count", "nonfinite_in_a_row"]
 
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine")
+_NEVER = 2**31 - 1  # apply_if_finite's counter saturates at the int32 maximum, so it never exceeds this
 
 
 def make_schedule(config, total_steps: int) -> optax.Schedule:
@@ -31,10 +32,12 @@ def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
     """The optimizer described by ``config`` (the ``optim`` block of a recipe).
 
     Gradient clipping by global norm (``grad_clip > 0``), then Adam or AdamW on the
-    schedule. ``optax.apply_if_finite`` skips any update whose gradients are not finite
-    (and counts them, see :func:`nonfinite_count`), so a bad batch never corrupts the
-    state; ``grad_accum > 1`` accumulates gradients over that many steps
-    (``optax.MultiSteps``).
+    schedule. ``optax.apply_if_finite`` skips every update whose gradients are not finite
+    and counts them (:func:`nonfinite_count`, and :func:`nonfinite_in_a_row` for the current
+    run of them), so a bad batch never corrupts the state. It never gives up and applies
+    one (its limit is set beyond reach): stopping after ``max_nonfinite`` in a row is the
+    training loop's decision, which it takes before saving anything.
+    ``grad_accum > 1`` accumulates gradients over that many steps (``optax.MultiSteps``).
     """
     if config.optimizer not in OPTIMIZERS:
         raise ValueError(f"optim.optimizer must be one of {OPTIMIZERS}; got {config.optimizer!r}.")
@@ -44,7 +47,7 @@ def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
     else:
         base = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay)
     parts = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip > 0 else []
-    tx = optax.apply_if_finite(optax.chain(*parts, base), max_consecutive_errors=int(config.max_nonfinite))
+    tx = optax.apply_if_finite(optax.chain(*parts, base), max_consecutive_errors=_NEVER)
     if config.grad_accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=int(config.grad_accum))
     return tx
@@ -53,3 +56,8 @@ def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
 def nonfinite_count(opt_state):
     """Total number of skipped (non-finite) updates recorded in an optimizer state."""
     return optax.tree_utils.tree_get(opt_state, "total_notfinite")
+
+
+def nonfinite_in_a_row(opt_state):
+    """Number of consecutive skipped (non-finite) updates up to now (0 after a finite one)."""
+    return optax.tree_utils.tree_get(opt_state, "notfinite_count")

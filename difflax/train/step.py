@@ -24,7 +24,7 @@ import optax
 from difflax import losses
 from difflax.parametrization import as_denoiser
 from difflax.train.builders import make_apply, sample_t
-from difflax.train.optim import nonfinite_count
+from difflax.train.optim import nonfinite_count, nonfinite_in_a_row
 from difflax.train.state import TrainState, ema_decay, update_ema
 
 __all__ = ["make_denoising_loss", "make_step", "make_train_step"]
@@ -143,7 +143,8 @@ def make_train_step(
 
     :func:`make_step` of the recipe's :func:`make_denoising_loss`. The EMA decay is
     ``train.ema_decay``, warmed up unless ``train.ema_warmup`` is false. Metrics: ``loss``,
-    ``grad_norm``, ``nonfinite`` (updates skipped so far). ``axis_name`` makes the step
+    ``grad_norm``, ``nonfinite`` (updates skipped so far) and ``nonfinite_in_a_row`` (skipped
+    since the last finite one). ``axis_name`` makes the step
     data-parallel under ``jax.pmap(train_step, axis_name=axis_name)``: per-device noise,
     gradients and metrics averaged over the devices before the update (see
     :func:`make_step`); ``nonfinite`` is then the same on every device. The default
@@ -156,6 +157,8 @@ def make_train_step(
 
     def train_step(state: TrainState, batch):
         state, metrics = step(state, batch)
-        return state, {**metrics, "nonfinite": nonfinite_count(state.opt_state)}
+        opt_state = state.opt_state
+        skipped = {"nonfinite": nonfinite_count(opt_state), "nonfinite_in_a_row": nonfinite_in_a_row(opt_state)}
+        return state, {**metrics, **skipped}
 
     return train_step
