@@ -83,4 +83,5 @@ def get_config():
     config.sample.grid = "karras"  # rho = 7
 
     config.eval.num_samples = 256  # drawn in one batch after training (FID-50k needs its own sampling job)
+    config.eval.every = 50_000  # a sample grid in samples/ every this many steps
     return config

@@ -76,4 +76,5 @@ def get_config():
 
     config.eval = ml_collections.ConfigDict()
     config.eval.num_samples = 500  # samples scored against held-out digits
+    config.eval.every = 500  # write samples/step_<N>.png every this many steps (0: never)
     return config

@@ -78,4 +78,5 @@ def get_config():
     config.sample.guidance_scale = 1.5  # CFG gamma = 1 + w for guided sampling (not used by the trainer)
 
     config.eval.num_samples = 256  # latents drawn in one batch after training, unguided
+    config.eval.every = 50_000  # a sample grid in samples/ every this many steps
     return config

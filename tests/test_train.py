@@ -28,6 +28,7 @@ def tiny_config(steps=20, save_every=5):
     config.train.log_every = 5
     config.train.async_checkpoint = False
     config.eval.num_samples = 256
+    config.eval.every = 0  # no sample grids during the short test runs
     return config
 
 

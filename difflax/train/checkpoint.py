@@ -114,6 +114,10 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def best_step(self) -> int | None:
+        """The kept step with the lowest ranking metric (``None`` without ``keep_best`` or checkpoints)."""
+        return self._manager.best_step() if self.keep_best else None
+
     def all_steps(self):
         return sorted(self._manager.all_steps())
 

@@ -108,6 +108,7 @@ RULES = (
     ("sample.grid", _choice(GRIDS), True),
     ("sample.guidance_scale", _NONNEGATIVE, False),
     ("eval.num_samples", _integer(1), True),
+    ("eval.every", _integer(0), False),
 )
 
 

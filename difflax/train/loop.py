@@ -99,6 +99,7 @@ class Trainer:
         )
         self.writer = MetricWriter(workdir, self.is_main)
         self.preemption = Preemption() if preemption is None else preemption
+        self._snapshot_fn = None
 
     # ---------------------------------------------------------------- state
     def init_state(self) -> TrainState:
@@ -132,6 +133,20 @@ class Trainer:
         self.checkpointer.save(step, state, meta, metrics={"loss": metric})
 
     # ---------------------------------------------------------------- loop
+    def snapshot(self, state: TrainState) -> str:
+        """Write ``samples/step_<step>.png``: samples of the EMA parameters (one fixed key), beside real data."""
+        if self._snapshot_fn is None:
+            conditional = self.config.model.get("class_conditional", False)
+            num = 10 * (self.num_classes if conditional else 8) if len(self.example_shape) > 1 else 1000
+            self._snapshot_fn = jax.jit(lambda params, key: self.sample(params, key, num)[0])
+        x = np.asarray(jax.device_get(self._snapshot_fn(state.ema_params, jax.random.key(self.config.seed + 2))))
+        step = int(state.step)
+        path = os.path.join(self.workdir, "samples", f"step_{step:07d}.png")
+        if self.is_main:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_samples(self, x, path, f"{self.config.data.name}, step {step}: {self.config.sample.solver}")
+        return path
+
     def _record(self, done: int, metrics, rate: float, history: list) -> dict:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         values["steps_per_sec"] = rate
@@ -151,7 +166,8 @@ class Trainer:
     def run(self, state: TrainState | None = None, *, stop_at: int | None = None, progress: bool = True):
         """Train from the newest intact checkpoint (or ``state``) to ``train.steps`` (or ``stop_at``).
 
-        Saves every ``train.save_every`` steps and at the end. When :attr:`preemption` says
+        Saves every ``train.save_every`` steps and at the end, and writes a sample grid
+        (:meth:`snapshot`) every ``eval.every`` steps (0: never). When :attr:`preemption` says
         so (SIGTERM; in a multi-process job at a step all processes agree on) it saves the
         current step, unless it is saved already, and returns early with ``preempted=True``.
         Raises :class:`TrainingDiverged` after ``optim.max_nonfinite`` non-finite updates in
@@ -161,6 +177,7 @@ class Trainer:
         state = self.restore_or_init() if state is None else state
         start = saved = int(state.step)
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+        every = self.config.eval.get("every", 0)
         installed = not self.preemption.installed
         self.preemption.install()
         bar = tqdm(total=end, initial=start, desc="train", unit="step", disable=not (progress and self.is_main))
@@ -186,6 +203,8 @@ class Trainer:
                     if saving:
                         self.save(state, values["loss"])
                         saved = done
+                if every and done % every == 0 and done != end:
+                    self.snapshot(state)
                 bar.update(1)
             if preempted and int(state.step) != saved:
                 values = self._record(int(state.step), metrics, ticks / (time.perf_counter() - tick), history)
@@ -198,24 +217,50 @@ class Trainer:
         return state, {"preempted": preempted, "history": history}
 
     # ---------------------------------------------------------------- sampling
-    def sample(self, params, key, num: int, labels=None, solver=None, steps=None, grid=None):
-        """Draw ``num`` samples with the recipe's sampler; returns ``(x, info)``."""
+    def denoiser(self, params, guidance_scale=None):
+        """The trained network as a denoiser: ``denoise(x, t)``, or ``denoise(x, t, y)`` if class-conditional.
+
+        A class-conditional one is guided by classifier-free guidance
+        (:func:`difflax.guidance.cfg`, scale ``gamma``, null class ``num_classes``) when
+        ``guidance_scale`` (default ``sample.guidance_scale``, else 1: no guidance) is not 1.
+        """
+        scale = self.config.sample.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
+
+        def given(y):
+            return builders.make_denoiser(self.model, params, self.process, self.config.model.prediction, y,
+                                          noise_scale=self.config.model.get("noise_scale", 1.0))
+
+        if not self.config.model.get("class_conditional", False):
+            return given(None)
+        if scale == 1.0:
+            return lambda x, t, y: given(y)(x, t)
+        return lambda x, t, y: difflax.guidance.cfg(lambda x_, t_, y_: given(y_)(x_, t_), y, scale,
+                                                    null=self.num_classes)(x, t)
+
+    def sample(self, params, key, num: int, labels=None, solver=None, steps=None, grid=None, guidance_scale=None,
+               return_trajectory: bool = False):
+        """Draw ``num`` samples with the recipe's sampler (``sample.*``, each overridable); returns ``(x, info)``.
+
+        A class-conditional model samples the classes ``0, 1, ..., num_classes - 1, 0, ...``
+        unless ``labels`` are given, guided as in :meth:`denoiser`.
+        """
         cfg = self.config.sample
         solver = solver or cfg.solver
         steps = steps or cfg.steps
         grid = grid or cfg.grid
         k_noise, k_solver = jax.random.split(key)
-        conditional = self.config.model.get("class_conditional", False)
-        if conditional and labels is None:
-            labels = jnp.arange(num) % self.num_classes
-        denoise = builders.make_denoiser(
-            self.model, params, self.process, self.config.model.prediction,
-            labels if conditional else None, noise_scale=self.config.model.get("noise_scale", 1.0),
-        )
+        denoise = self.denoiser(params, guidance_scale)
+        if self.config.model.get("class_conditional", False):
+            labels = jnp.arange(num) % self.num_classes if labels is None else labels
+            given_labels = denoise
+
+            def denoise(x, t):
+                return given_labels(x, t, labels)
+
         x_T = self.process.prior_sample(k_noise, (num, *self.example_shape))
         stochastic = difflax.solvers.get_solver(solver).stochastic
         return difflax.sample(denoise, self.process, x_T, solver=solver, steps=steps, grid=grid,
-                              key=k_solver if stochastic else None)
+                              key=k_solver if stochastic else None, return_trajectory=return_trajectory)
 
 
 def train_and_evaluate(config, workdir: str, *, dataset=None, preemption: Preemption | None = None,
@@ -287,10 +332,33 @@ def evaluate(trainer: Trainer, state: TrainState) -> dict:
     if trainer.preemption.requested():
         return stopped
     if trainer.is_main:
-        real = trainer.dataset.batch(config.seed, 0, min(num, 64))["x"]
-        plots.sample_grid(x[:64], real, os.path.join(trainer.workdir, "samples.png"),
-                          title=f"{config.data.name}: {config.sample.solver}, NFE {int(info['nfe'])}")
+        write_samples(trainer, x, os.path.join(trainer.workdir, "samples.png"),
+                      f"{config.data.name}, step {int(state.step)}: {config.sample.solver}, NFE {int(info['nfe'])}")
     return results
+
+
+def write_samples(trainer: Trainer, x: np.ndarray, path: str, title: str) -> None:
+    """``samples.png``-style figure: all 2-D points, or up to 10 rows of images beside as many real ones.
+
+    A class-conditional model's samples cycle through the classes, so with ``num_classes``
+    columns each column is one class; the real images are laid out the same way.
+    """
+    conditional = trainer.config.model.get("class_conditional", False)
+    cols = trainer.num_classes if conditional else None
+    if x.ndim == 2:
+        real = trainer.dataset.batch(trainer.config.seed + 7, 10**6, len(x))["x"]
+        plots.sample_grid(x, np.asarray(real), path, title)
+        return
+    cols = cols or 8
+    x = x[: 10 * cols]
+    pool = trainer.dataset.batch(trainer.config.seed, 0, 20 * len(x))
+    if conditional:
+        order = [np.flatnonzero(np.asarray(pool["y"]) == c) for c in range(cols)]
+        rows = min(len(x) // cols, *(len(o) for o in order))
+        real = np.stack([pool["x"][order[c][r]] for r in range(rows) for c in range(cols)])
+    else:
+        real = pool["x"][: len(x)]
+    plots.sample_grid(x, np.asarray(real), path, title, cols=cols)
 
 
 def score_samples(trainer: Trainer, x: np.ndarray, labels=None) -> dict:

@@ -1,10 +1,15 @@
-"""Figures the main job writes: sample grids and loss curves (matplotlib, Agg backend)."""
+"""Figures of a run: samples beside real data, sampling trajectories, loss curves (matplotlib, Agg backend).
+
+Images are tiled in ``cols`` columns (the number of classes for a class-conditional model,
+whose samples cycle through the classes, so each column is one class); 2-D points are
+drawn whole, generated and real on the same axes limits.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["loss_curve", "sample_grid"]
+__all__ = ["loss_curve", "sample_grid", "trajectory_gif"]
 
 
 def _pyplot():
@@ -26,38 +31,82 @@ def _tile(images: np.ndarray, cols: int) -> np.ndarray:
     return canvas
 
 
-def sample_grid(samples: np.ndarray, real: np.ndarray, path: str, title: str = "") -> None:
-    """Generated samples beside real data: image grids for images, scatter plots for 2-D points."""
+def _limits(*point_sets: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Shared axis limits covering the central 99.8% of every set (a few strays do not squash the rest)."""
+    both = np.concatenate([p for p in point_sets if len(p)])
+    lo, hi = np.quantile(both, 0.001, axis=0), np.quantile(both, 0.999, axis=0)
+    pad = 0.08 * (hi - lo)
+    return (lo[0] - pad[0], hi[0] + pad[0]), (lo[1] - pad[1], hi[1] + pad[1])
+
+
+def _draw(ax, data: np.ndarray, cols: int, limits) -> None:
+    if data.ndim == 2:
+        ax.scatter(data[:, 0], data[:, 1], s=3, alpha=0.5, linewidths=0)
+        ax.set_xlim(*limits[0])
+        ax.set_ylim(*limits[1])
+        ax.set_aspect("equal")
+    else:
+        grid = _tile((np.clip(data, -1, 1) + 1) / 2, cols)
+        ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1,
+                  interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+
+def sample_grid(samples: np.ndarray, real: np.ndarray, path: str, title: str = "", cols: int | None = None) -> None:
+    """Generated samples beside real data: image grids in ``cols`` columns, or 2-D scatter plots on shared axes."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4.6))
+    cols = cols or int(np.ceil(np.sqrt(len(samples))))
+    limits = _limits(samples, real) if samples.ndim == 2 else None
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.8))
     for ax, data, name in ((axes[0], samples, "generated"), (axes[1], real, "real")):
-        if data.ndim == 2:
-            ax.scatter(data[:, 0], data[:, 1], s=2, alpha=0.6)
-            ax.set_aspect("equal")
-        else:
-            grid = _tile((np.clip(data, -1, 1) + 1) / 2, cols=int(np.ceil(np.sqrt(len(data)))))
-            ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1,
-                      interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        ax.set_title(name)
+        _draw(ax, data, cols, limits)
+        ax.set_title(f"{name} ({len(data)})")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def trajectory_gif(frames: np.ndarray, times: np.ndarray, path: str, cols: int | None = None, fps: int = 6) -> None:
+    """An animated GIF of a sampling path: ``frames[k]`` (samples at time ``times[k]``), one frame each."""
+    from matplotlib.animation import FuncAnimation, PillowWriter
+
+    plt = _pyplot()
+    frames = np.asarray(frames)
+    cols = cols or int(np.ceil(np.sqrt(frames.shape[1])))
+    limits = _limits(frames[-1], frames[0]) if frames.ndim == 3 else None
+    fig, ax = plt.subplots(figsize=(4.8, 4.8))
+
+    def show(k):
+        ax.clear()
+        _draw(ax, frames[k], cols, limits)
+        ax.set_title(f"step {k} of {len(frames) - 1}, t = {float(times[k]):.3g}")
+
+    animation = FuncAnimation(fig, show, frames=len(frames))
+    animation.save(path, writer=PillowWriter(fps=fps))
+    plt.close(fig)
+
+
 def loss_curve(records: list[dict], path: str) -> None:
-    """Training loss against step (log scale)."""
+    """Training loss against step: a log scale when it spans more than a decade, plain tick labels either way."""
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.4))
+    losses = [r["loss"] for r in records if r["loss"] > 0]
     if records:
-        steps = [r["step"] for r in records]
-        ax.plot(steps, [r["loss"] for r in records])
+        ax.plot([r["step"] for r in records], [r["loss"] for r in records])
+    if losses and max(losses) > 10 * min(losses):
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    else:
+        ax.ticklabel_format(axis="y", style="plain", useOffset=False)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("training loss")
+    ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
