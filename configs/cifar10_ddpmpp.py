@@ -19,6 +19,7 @@ from configs import digits
 
 def get_config():
     config = digits.get_config()  # fields not set here keep the defaults documented in configs/digits.py
+    config.name = "cifar10_ddpmpp"
 
     config.data.name = "tfds:cifar10"  # difflax.data.tfds: ArrayRecord + grain, random horizontal flips
     config.data.image_size = 32  # CIFAR-10's own size (no resizing)

@@ -22,6 +22,7 @@ HALF_LIFE_IMAGES = 500_000  # EDM's ema_halflife_kimg = 500
 
 def get_config():
     config = digits.get_config()  # fields not set here keep the defaults documented in configs/digits.py
+    config.name = "cifar10_edm"
 
     config.data.name = "tfds:cifar10"  # difflax.data.tfds: ArrayRecord + grain, random horizontal flips
     config.data.image_size = 32  # CIFAR-10's own size (no resizing)

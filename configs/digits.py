@@ -8,6 +8,7 @@ import ml_collections
 
 def get_config():
     config = ml_collections.ConfigDict()
+    config.name = "digits"  # the recipe: names the default work directory and is checked on resume
     config.seed = 0  # seeds parameters, noise and the data order
 
     config.data = ml_collections.ConfigDict()

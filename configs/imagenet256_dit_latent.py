@@ -22,6 +22,7 @@ from configs import digits
 
 def get_config():
     config = digits.get_config()  # fields not set here keep the defaults documented in configs/digits.py
+    config.name = "imagenet256_dit_latent"
 
     config.data.name = "latents:~/data/imagenet256_sdvae"  # difflax.data.latents: .npz or dir of .npy
     config.data.image_size = 32  # latent height and width (256 / 8), checked against the file

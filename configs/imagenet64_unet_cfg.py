@@ -23,6 +23,7 @@ from configs import digits
 
 def get_config():
     config = digits.get_config()  # fields not set here keep the defaults documented in configs/digits.py
+    config.name = "imagenet64_unet_cfg"
 
     config.data.name = "tfds:imagenet_resized/64x64"  # difflax.data.tfds: ArrayRecord + grain, random flips
     config.data.image_size = 64  # already 64x64 (no resizing); other sizes are center-cropped and resized

@@ -10,6 +10,7 @@ from configs import digits
 
 def get_config():
     config = digits.get_config()
+    config.name = "toy2d"
     config.data.name = "grid"  # swiss_roll, moons, grid (5x5 mixture) or rings (8 modes)
     config.data.image_size = None  # not an image dataset
 

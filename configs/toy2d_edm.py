@@ -14,6 +14,7 @@ from configs import toy2d
 
 def get_config():
     config = toy2d.get_config()
+    config.name = "toy2d_edm"
     config.process.name = "edm"
     config.process.kwargs = ml_collections.ConfigDict({"sigma_data": 1.0, "t_min": 0.002, "t_max": 80.0})
     config.model.prediction = "edm"

@@ -31,7 +31,9 @@ from difflax.train import JOB_ERRORS, Preemption, train_and_evaluate  # noqa: E4
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "digits.py"), "Recipe file.", lock_config=True
 )
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/digits", "Directory for checkpoints, logs, samples and metrics.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, logs, samples and metrics (default: workdir/<config.name>)."
+)
 _ALLOW_RECIPE_CHANGE = flags.DEFINE_bool(
     "allow_recipe_change", False, "Resume the checkpoints of a work directory even if the recipe differs."
 )
@@ -40,17 +42,24 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process job.")
 
 
+def recipe_name(config_file: str) -> str:
+    """``configs/toy2d.py:moons`` -> ``toy2d``: a recipe without ``name`` is named by its file."""
+    return os.path.splitext(os.path.basename(config_file.split(":")[0]))[0]
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     if _COORDINATOR.value is not None:
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    recipe = _CONFIG.value.get("name") or recipe_name(config_flags.get_config_filename(flags.FLAGS["config"]))
+    workdir = _WORKDIR.value or os.path.join("workdir", recipe)
     preemption = Preemption().install()
     if _EARLY_SIGTERM:
         preemption.request()
     try:
         results = train_and_evaluate(
-            _CONFIG.value, _WORKDIR.value, preemption=preemption, allow_recipe_change=_ALLOW_RECIPE_CHANGE.value
+            _CONFIG.value, workdir, preemption=preemption, allow_recipe_change=_ALLOW_RECIPE_CHANGE.value
         )
     except JOB_ERRORS as err:
         sys.exit(f"error: {err}")
@@ -59,7 +68,7 @@ def main(argv):
         if results.get("preempted"):
             print(f"preempted during {results['stage']} at step {results['step']}; run again to continue")
         else:
-            print(f"wrote {os.path.abspath(_WORKDIR.value)}/samples.png, loss.png and metrics.json")
+            print(f"wrote {os.path.abspath(workdir)}/samples.png, loss.png and metrics.json")
 
 
 if __name__ == "__main__":

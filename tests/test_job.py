@@ -257,6 +257,10 @@ def test_a_changed_recipe_is_refused_on_resume(tmp_path):
     with pytest.raises(RecipeMismatch, match=expected):
         train_and_evaluate(changed, str(tmp_path))
     assert Trainer(config, str(tmp_path)).checkpointer.all_steps() == [2]  # nothing trained
+    other = tiny_config(steps=2)
+    other.name = "digits"
+    with pytest.raises(RecipeMismatch, match="checkpoints of recipe 'toy2d', not 'digits'"):
+        check_recipe(other, str(tmp_path), has_checkpoints=True)
     longer = tiny_config(steps=4)  # train.steps may change on resume
     check_recipe(longer, str(tmp_path), has_checkpoints=True)
     check_recipe(changed, str(tmp_path), has_checkpoints=True, allow_change=True)

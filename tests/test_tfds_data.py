@@ -271,3 +271,11 @@ def test_recipe_builds(recipe):
     if published is not None:
         assert abs(count - published) / published < 0.01, count
     assert config.sample.steps > 0 and config.train.batch_size > 0
+
+
+def test_a_recipe_on_unprepared_data_says_how_to_prepare_it(tmp_path, monkeypatch):
+    """No download is attempted; the one-line error gives the preparation command."""
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"'cifar10' is not prepared .*tfds build cifar10 "
+                                                r"--file_format=array_record"):
+        make_dataset("tfds:cifar10", "train", 32)

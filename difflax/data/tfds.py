@@ -136,7 +136,13 @@ class TfdsDataset:
         self.name, self.split, self.flip = name, split, bool(flip)
         self.image_size = None if image_size is None else int(image_size)
         self.image_key, self.label_key = image_key, label_key
-        self.source = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+        try:
+            self.source = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+        except Exception:
+            builder = tfds.builder(name, data_dir=data_dir)
+            if not download and not builder.is_prepared():  # tfds's own message blames the file format
+                raise FileNotFoundError(not_prepared_message(name, builder.data_dir)) from None
+            raise
         features = self.source.dataset_info.features
         if image_key not in features:
             raise ValueError(f"image_key {image_key!r} is not a feature of {name!r}; features: {list(features)}.")
@@ -259,8 +265,21 @@ class TfdsDataset:
         return it
 
 
+def not_prepared_message(name: str, where: str) -> str:
+    """How to prepare a tfds dataset once, where TensorFlow is available, so that reading needs none."""
+    return (
+        f"the tfds dataset {name!r} is not prepared (looked in {where}). Preparing it needs TensorFlow and the "
+        f"network once: `pip install tensorflow tensorflow-datasets && tfds build {name.split(':')[0]} "
+        "--file_format=array_record --data_dir=DIR`; then set TFDS_DATA_DIR=DIR here (reading needs no "
+        "TensorFlow)."
+    )
+
+
 def tfds_dataset(name: str, split: str = "train", image_size: int | None = None) -> TfdsDataset:
-    """The dataset of a config name ``"tfds:<name>"`` (used by :func:`~difflax.data.make_dataset`)."""
+    """The dataset of a config name ``"tfds:<name>"`` (used by :func:`~difflax.data.make_dataset`).
+
+    A training job never downloads: an unprepared dataset fails at once with the command that prepares it.
+    """
     if not name.startswith("tfds:") or len(name) == len("tfds:"):
         raise ValueError(f"expected a dataset name of the form 'tfds:<tfds name>', e.g. 'tfds:cifar10'; got {name!r}.")
-    return TfdsDataset(name[len("tfds:") :], split, image_size=image_size)
+    return TfdsDataset(name[len("tfds:") :], split, image_size=image_size, download=False)

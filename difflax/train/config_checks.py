@@ -70,6 +70,7 @@ _PROBABILITY = _real(0.0, 1.0, hi_open=True)
 
 #: ``(key, (predicate, what is allowed), required)``: the table :func:`check_config` applies.
 RULES = (
+    ("name", ((lambda v: isinstance(v, str) and v != ""), "a non-empty string"), False),
     ("seed", _integer(0), True),
     ("data.name", _DATASET, True),
     ("data.image_size", _IMAGE_SIZE, False),

@@ -204,10 +204,12 @@ def check_recipe(config, workdir: str, *, has_checkpoints: bool, allow_change: b
         keys = sorted(k for k in set(saved) | set(now) if saved.get(k, "<absent>") != now.get(k, "<absent>")
                       and not _resumable(k))
         if keys:
+            names = saved.get("name"), now.get("name")
+            which = f"recipe {names[0]!r}, not {names[1]!r}" if names[0] != names[1] else "another recipe"
             diffs = "; ".join(f"{k}: {saved.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}" for k in keys[:8])
             more = f" and {len(keys) - 8} more" if len(keys) > 8 else ""
             raise RecipeMismatch(
-                f"{workdir} holds checkpoints of another recipe ({diffs}{more}). Choose another --workdir, or "
+                f"{workdir} holds checkpoints of {which} ({diffs}{more}). Choose another --workdir, or "
                 "pass --allow_recipe_change to resume these checkpoints under the new recipe."
             )
     if jax.process_index() == 0:
