@@ -527,6 +527,24 @@ def test_denoiser_predictions_use_as_denoiser(prediction):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("model", "shape"),
+    [(UNet(), (2, 32, 32, 3)), (DiT(), (2, 32, 32, 4)), (dit("S/2"), (2, 32, 32, 4)), (MLPResNet(), (2, 5))],
+    ids=["UNet", "DiT", "dit-S/2", "MLPResNet"],
+)
+def test_default_models_work_with_as_denoiser(model, shape):
+    """Every model with its default settings predicts a quantity of the shape of ``x``, so
+    :func:`difflax.as_denoiser` takes it as it is (shapes only: nothing is compiled)."""
+    x, t = jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape[:1], jnp.float32)
+
+    def denoise(x, t):
+        params = model.init(jax.random.key(0), x, t)
+        return difflax.as_denoiser(lambda x_t, tt: model.apply(params, x_t, tt), difflax.VP())(x, t)
+
+    out = jax.eval_shape(denoise, x, t)
+    assert out.shape == shape and out.dtype == jnp.float32
+
+
 def test_denoiser_of_learned_sigma_dit_and_labels():
     net = DiT(**{**TINY_DIT, "learn_sigma": True, "num_classes": 3})
     process = difflax.DiscreteVP.cosine()

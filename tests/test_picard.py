@@ -24,9 +24,10 @@ WEIGHTS = [0.5, 0.3, 0.2]
 STEPS = 100
 
 
-def _mixture():
+def _mixture(labels=None):
     dtype = jnp.result_type(float)
-    return analytic.GaussianMixture.isotropic(jnp.asarray(MEANS, dtype), jnp.asarray(STDS, dtype), weights=WEIGHTS)
+    means, stds = jnp.asarray(MEANS, dtype), jnp.asarray(STDS, dtype)
+    return analytic.GaussianMixture.isotropic(means, stds, weights=WEIGHTS, labels=labels)
 
 
 CASES = [("ddim", VP(), 100), ("ddim", VP(), 20), ("euler", VP(), 100), ("euler", Flow(), 100)]
@@ -66,6 +67,30 @@ def test_picard_matches_sequential_solver(x64, solver, process, window):
     print(solver, type(process).__name__, window, "errors", errors, "rounds", rounds)
     assert errors[2] <= 1e-10 * scale  # tol = 0: the sequential result, up to rounding
     assert rounds[0] <= rounds[1] <= rounds[2] <= STEPS
+
+
+@pytest.mark.parametrize("solver,window", [("ddim", 50), ("ddim", 20), ("euler", 50)])
+def test_picard_with_a_class_conditional_denoiser(x64, solver, window):
+    """A denoiser closing over ``(batch,)`` labels (the exact conditional denoiser of a labelled mixture:
+    class 0 is the first component, class 1 the other two) is evaluated at every window position with
+    the batch's labels: the Picard output is the sequential sampler's (``tol = 0``: to rounding)."""
+    process = VP()
+    batch, steps = 16, 50
+    y = jnp.arange(batch) % 2
+    den = _mixture(labels=[0, 1, 1]).denoiser(process, y=y)
+    x_T = process.prior_sample(jax.random.key(3), (batch, 2), jnp.float64)
+    ref, _ = jax.jit(lambda x: sample(den, process, x, solver=solver, steps=steps))(x_T)
+    run = jax.jit(lambda x, tol: picard_sample(den, process, x, solver=solver, steps=steps, window=window, tol=tol))
+    scale = float(jnp.abs(ref).max())
+    exact, info = run(x_T, 0.0)
+    assert bool(info["converged"])
+    assert float(jnp.abs(exact - ref).max()) <= 1e-10 * scale
+    approx, info = run(x_T, 1e-3)
+    assert bool(info["converged"]) and int(info["rounds"]) < steps
+    assert float(jnp.abs(approx - ref).max()) <= 1e-3 * scale
+    # the labels are honoured: class 0 samples sit on the first component, class 1 samples off it
+    near_first = np.linalg.norm(np.asarray(exact) - np.asarray(MEANS[0]), axis=-1) < 1.5
+    assert np.all(near_first == (np.asarray(y) == 0))
 
 
 def test_picard_ddpm_is_the_ancestral_sampler(x64):

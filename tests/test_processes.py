@@ -163,6 +163,70 @@ def test_scaled_linear_schedule(x64):
     np.testing.assert_allclose(p.betas, betas, rtol=1e-8)
 
 
+SCHEDULES = {
+    "linear": DiscreteVP.linear,
+    "cosine": DiscreteVP.cosine,
+    "scaled_linear": DiscreteVP.scaled_linear,
+    "short": lambda: DiscreteVP.linear(7, 0.01, 0.3),
+}
+
+
+def _lookup_times(knots):
+    """A fine grid of [0, 1], every knot, its float neighbours, the rounded n / N, and both ends."""
+    dtype = knots.dtype
+    n = knots.shape[0] - 1
+    return jnp.concatenate(
+        [
+            jnp.linspace(0.0, 1.0, 20_011, dtype=dtype),
+            knots,
+            jnp.nextafter(knots, jnp.asarray(2.0, dtype)),
+            jnp.nextafter(knots, jnp.asarray(-1.0, dtype)),
+            jnp.arange(n + 1, dtype=dtype) / n,
+            jnp.asarray([0.0, 1.0, 1e-7, 1.0 - 1e-7], dtype),
+        ]
+    )
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+@pytest.mark.parametrize("double", [False, True], ids=["float32", "x64"])
+def test_discrete_vp_lookup_matches_interp(schedule, double):
+    """The direct-index lookup gives the values of ``jnp.interp`` on the knots ``n / N`` (and of its
+    inverse on the reversed table), in float32 and with x64, jitted, and the same derivative."""
+    with jax.enable_x64(double):
+        p = SCHEDULES[schedule]()
+        dtype = jnp.float64 if double else jnp.float32
+        knots, table = p._knots().astype(dtype), p.log_alpha_bar.astype(dtype)
+        t = _lookup_times(knots)
+
+        def reference(t):
+            la = jnp.interp(t, knots, table)
+            return {
+                "alpha": jnp.exp(0.5 * la),
+                "sigma": jnp.sqrt(-jnp.expm1(la)),
+                "log_snr": la - jnp.log(-jnp.expm1(la)),
+            }
+
+        got = jax.jit(lambda t: {"alpha": p.alpha(t), "sigma": p.sigma(t), "log_snr": p.log_snr(t)})(t)
+        for name, want in jax.jit(reference)(t).items():
+            np.testing.assert_allclose(got[name], want, rtol=1e-7, atol=0, err_msg=name)
+        slope = jax.jit(jax.vmap(jax.grad(p.log_alpha_bar_at)))(t)
+        np.testing.assert_allclose(slope, jax.vmap(jax.grad(lambda t: jnp.interp(t, knots, table)))(t), rtol=1e-7)
+
+        log_snr = jnp.concatenate([jnp.linspace(-30.0, 30.0, 20_001, dtype=dtype), reference(knots[1:])["log_snr"]])
+        la = -jax.nn.softplus(-log_snr)
+        want = jnp.interp(la, table[::-1], knots[::-1])
+        np.testing.assert_allclose(jax.jit(p.t_from_log_snr)(log_snr), want, rtol=1e-7, atol=0)
+
+
+def test_discrete_vp_lookup_compiles_without_loops():
+    """Per-example lookups (``t`` of shape ``(batch,)``) compile without a ``while`` loop (a binary search would)."""
+    p = DiscreteVP.linear()
+    t = jnp.linspace(0.01, 1.0, 256)
+    for name in ("alpha", "sigma", "log_snr", "t_from_log_snr", "alpha_sigma_derivatives"):
+        hlo = jax.jit(getattr(p, name)).lower(t).compile().as_text()
+        assert hlo.count("while") == 0, name
+
+
 def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="t must lie in"):
         DiscreteVP.linear().alpha(1.5)

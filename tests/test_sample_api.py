@@ -1,6 +1,7 @@
 """The sampling API: grids, tracing, vmap, grad, sharding, step-by-step use, errors."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -97,6 +98,34 @@ def test_trajectory_and_nfe(key):
     np.testing.assert_allclose(info["trajectory"][-1], x0)
     np.testing.assert_allclose(info["trajectory"][0], x_T)
     assert int(info["nfe"]) == 6
+
+
+MULTISTEP = [
+    ("dpmpp_2m", {}),
+    ("dpmpp_3m", {}),
+    ("dpmpp_2m_sde", {}),
+    ("unipc", {"order": 3}),
+    ("deis", {}),
+    ("ipndm", {}),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", MULTISTEP, ids=[name for name, _ in MULTISTEP])
+def test_multistep_history_is_updated_in_place(name, kwargs):
+    """The compiled loop of a multistep sampler copies neither its history nor ``x`` (nor rebuilds the
+    history by a concatenation): each step writes its model output into the history's ring buffer
+    before reading the earlier ones, so the scan carry is updated in place."""
+    p = difflax.DiscreteVP.linear()
+    w = 0.1 * jnp.eye(7)
+    denoise = difflax.as_denoiser(lambda x, t: x @ w, p, "eps")
+    x = jnp.ones((4, 3, 5, 7))
+    key = jax.random.key(0) if get_solver(name).stochastic else None
+    run = jax.jit(lambda x: difflax.sample(denoise, p, x, solver=name, steps=12, key=key, **kwargs)[0])
+    hlo = run.lower(x).compile().as_text()
+    body = re.search(r"f32\[4,3,5,7\][^\n]* while\([^\n]*body=%?([\w.\-]+)", hlo).group(1)
+    loop = re.search(rf"\n%?{re.escape(body)} [^\n]*\{{\n(.*?)\n\}}", hlo, re.S).group(1)
+    assert "dynamic-update-slice" in loop
+    assert not re.findall(r"= f32\[[\d,]*4,3,5,7\]\S* (copy|concatenate)\(", loop)
 
 
 def test_vmap_over_keys_and_grad_through_sampler(x64, key):

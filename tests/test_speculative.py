@@ -45,9 +45,10 @@ LEVEL = 0.01
 PROCESS = VP()
 
 
-def _mixture(means=MEANS, stds=STDS, weights=WEIGHTS):
+def _mixture(means=MEANS, stds=STDS, weights=WEIGHTS, labels=None):
     dtype = jnp.result_type(float)  # float64 under the x64 fixture
-    return analytic.GaussianMixture.isotropic(jnp.asarray(means, dtype), jnp.asarray(stds, dtype), weights=weights)
+    means, stds = jnp.asarray(means, dtype), jnp.asarray(stds, dtype)
+    return analytic.GaussianMixture.isotropic(means, stds, weights=weights, labels=labels)
 
 
 def _classes(x):
@@ -190,6 +191,28 @@ def test_frozen_draft_is_exact_and_faster(x64, reference):
     assert int(info["draft_nfe"]) == 0 and int(info["draft_calls"]) == 0
     assert int(info["target_calls"]) <= STEPS // 2
     assert float(info["acceptance_rate"]) > 0.75
+
+
+def test_class_conditional_target_and_draft(x64):
+    """A target and a draft closing over ``(batch,)`` labels (exact conditional denoisers of labelled
+    mixtures: class 0 is the first component, class 1 the other two): the target is evaluated on
+    every proposal with the batch's labels, and the samples are those of the conditional ancestral
+    sampler, with the good draft and with the frozen one."""
+    labels = [0, 1, 1]
+    y = jnp.arange(N) % 2
+    target = _mixture(labels=labels).denoiser(PROCESS, y=y)
+    draft = _mixture(*GOOD, labels=labels).denoiser(PROCESS, y=y)
+    x_T = PROCESS.prior_sample(jax.random.key(10), (N, 2), jnp.float64)
+    plain = jax.jit(lambda x, key: sample(target, PROCESS, x, solver="ddpm", steps=STEPS, key=key))
+    ref, _ = plain(PROCESS.prior_sample(jax.random.key(11), (N, 2), jnp.float64), jax.random.key(12))
+    for d in (draft, "frozen"):
+        run = jax.jit(lambda x, key, d=d: speculative_sample(target, d, PROCESS, x, key, steps=STEPS, K=K))
+        x, info = run(x_T, jax.random.key(13))
+        ok, p = _same_distribution(x, ref)
+        assert ok, (d, p)
+        assert int(info["target_calls"]) <= STEPS // 2
+        classes = _classes(x)
+        assert np.mean(classes[np.asarray(y) == 0] == 0) > 0.999 and np.mean(classes[np.asarray(y) == 1] == 0) < 0.001
 
 
 # ---------------------------------------------------------------------------- bookkeeping

@@ -138,8 +138,10 @@ class DiT(nn.Module):
     ``num_heads`` heads follow. The conditioning vector is the sinusoidal (``"positional"``)
     or ``"fourier"`` embedding of ``t`` through an MLP, plus the class embedding when
     ``num_classes`` is set (``y=None`` or ``y == num_classes``: the null class of
-    classifier-free guidance). The output has ``out_channels`` (default ``C``) channels,
-    twice that with ``learn_sigma`` (the learned-variance half, Nichol & Dhariwal 2021).
+    classifier-free guidance). The output has ``out_channels`` (default ``C``) channels, so
+    :func:`difflax.as_denoiser` takes it as it is; ``learn_sigma=True`` (the paper's models)
+    doubles them with a learned-variance half (Nichol & Dhariwal 2021) after the prediction,
+    which :func:`difflax.train.builders.make_apply` splits off.
 
     Standard sizes: :func:`dit` / :func:`dit_config` (``"S/2"`` ... ``"XL/8"``). Initialization
     follows the paper: Xavier-uniform linear layers, ``N(0, 0.02^2)`` embeddings, zero adaLN
@@ -159,7 +161,7 @@ class DiT(nn.Module):
     num_heads: int = 16
     mlp_ratio: float = 4.0
     num_classes: int | None = 1000
-    learn_sigma: bool = True
+    learn_sigma: bool = False
     out_channels: int | None = None
     dropout: float = 0.0
     embedding: str = "positional"

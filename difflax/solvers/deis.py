@@ -51,25 +51,26 @@ class DEIS(Solver):
         check_choice(self.order, (1, 2, 3), "deis order")
 
     def init(self, process, x):
-        return History.empty(max(self.order - 1, 1), x)  # eps_{i-1}, eps_{i-2} (newest first)
+        return History.empty(max(self.order - 1, 1), x)  # after step i's push: eps_i, eps_{i-1}, eps_{i-2}
 
     def step(self, denoise, process, x, hist: History, step: Step):
         s, c = coefficients(process, promote_time(step.t, x)), coefficients(process, promote_time(step.t_next, x))
         x0 = call(denoise, x, s.t)
         eps = eps_from_x0(x, x0, s)
         rho_s = s.sigma / s.alpha  # inf for alpha_s = 0
+        hist = hist.push(eps, rho_s)  # first: the earlier outputs are read from the pushed history
         rho_t = c.sigma / c.alpha
         out = c.alpha * x0 + c.sigma * eps  # DDIM: alpha_t (x0 + rho_t eps)
         if self.order >= 2:
             order_now = hist.order(self.order)
             use2 = order_now >= 2
             h = jnp.where(use2, rho_t - rho_s, 0.0)  # H
-            ia = jnp.where(use2, 1.0 / jnp.where(use2, hist.nodes[0] - rho_s, 1.0), 0.0)  # 1 / a
+            ia = jnp.where(use2, 1.0 / jnp.where(use2, hist.node(1) - rho_s, 1.0), 0.0)  # 1 / a
             c1_2 = 0.5 * h * h * ia
             coefs = [select_by_order(order_now, [0.0, c1_2])]
             if self.order == 3:
                 use3 = order_now >= 3
-                ib = jnp.where(use3, 1.0 / jnp.where(use3, hist.nodes[1] - rho_s, 1.0), 0.0)  # 1 / b
+                ib = jnp.where(use3, 1.0 / jnp.where(use3, hist.node(2) - rho_s, 1.0), 0.0)  # 1 / b
                 den = jnp.where(use3, ib - ia, 1.0)
                 c1 = ia * ia * (h**3 * ib / 3.0 - h * h / 2.0) / den
                 c2 = -ib * ib * (h**3 * ia / 3.0 - h * h / 2.0) / den
@@ -77,6 +78,6 @@ class DEIS(Solver):
                     select_by_order(order_now, [0.0, c1_2, c1]),
                     select_by_order(order_now, [0.0, 0.0, c2]),
                 ]
-            corr = sum(coef * (hist.values[j] - eps) for j, coef in enumerate(coefs))
+            corr = sum(coef * (hist.value(j) - eps) for j, coef in enumerate(coefs, start=1))
             out = out + c.alpha * corr
-        return out.astype(x.dtype), hist.push(eps, rho_s)
+        return out.astype(x.dtype), hist

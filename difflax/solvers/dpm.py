@@ -166,9 +166,9 @@ class DPMSolverPP2S(Solver):
 
 # ---------------------------------------------------------------------------------------- multistep
 def multistep_order(order: int, lower_order_final: bool, history: History, step: Step):
-    """Order of this step: what the history supports (``min(order, filled + 1)``); with
-    ``lower_order_final`` and fewer than 15 intervals also ``<= intervals - index``
-    (diffusers' ``lower_order_final`` / ``lower_order_second``)."""
+    """Order of this step: what the history supports once this step's output is pushed
+    (``min(order, filled)``); with ``lower_order_final`` and fewer than 15 intervals also
+    ``<= intervals - index`` (diffusers' ``lower_order_final`` / ``lower_order_second``)."""
     now = history.order(order)
     if lower_order_final:
         now = jnp.where(step.num_steps < 15, jnp.minimum(now, step.num_steps - step.index), now)
@@ -194,13 +194,14 @@ class _DPMSolverPPMultistep(Solver):
         s, c = _ends(process, x, step)
         h = step_size(s, c)
         x0 = call(denoise, x, s.t)
+        hist = hist.push(x0, s.lam)  # first: the earlier outputs are read from the pushed history
         order_now = multistep_order(self.order, self.lower_order_final, hist, step)
 
         # 1 / r0 = h / h_0 with h_0 = lambda_s - lambda_{-1} (0 if h_0 is infinite).
         use2 = order_now >= 2
-        h0 = jnp.where(use2, s.lam - hist.nodes[0], 1.0)
+        h0 = jnp.where(use2, s.lam - hist.node(1), 1.0)
         q0 = jnp.where(use2, h / h0, 0.0)
-        d1_0 = q0 * (x0 - hist.values[0])  # diffusers' D1 (2M) and D1_0 (3M)
+        d1_0 = q0 * (x0 - hist.value(1))  # diffusers' D1 (2M) and D1_0 (3M)
 
         if self.stochastic:
             decay = jnp.exp(-h)  # e^{-h}, 0 for an infinite step
@@ -212,9 +213,9 @@ class _DPMSolverPPMultistep(Solver):
             out = (c.sigma / s.sigma) * x - c.alpha * zphi(1, -h) * (x0 + 0.5 * d1_0)
         else:
             use3 = order_now >= 3
-            h1 = jnp.where(use3, hist.nodes[0] - hist.nodes[1], 1.0)
+            h1 = jnp.where(use3, hist.node(1) - hist.node(2), 1.0)
             q1 = jnp.where(use3, h / h1, 0.0)  # 1 / r1
-            d1_1 = q1 * (hist.values[0] - hist.values[1])
+            d1_1 = q1 * (hist.value(1) - hist.value(2))
             qsum = jnp.where(use3, q0 + q1, 1.0)
             w = q1 / qsum  # r0 / (r0 + r1)
             v = q0 * q1 / qsum  # 1 / (r0 + r1)
@@ -226,7 +227,7 @@ class _DPMSolverPPMultistep(Solver):
             k0 = select_by_order(order_now, [0.0, 0.5 * a1, a2 * (1.0 + w) + a3 * v])
             k1 = select_by_order(order_now, [0.0, 0.0, -(a2 * w + a3 * v)])
             out = (c.sigma / s.sigma) * x + c.alpha * (a1 * x0 + k0 * d1_0 + k1 * d1_1)
-        return out.astype(x.dtype), hist.push(x0, s.lam)
+        return out.astype(x.dtype), hist
 
 
 @pytree.dataclass

@@ -97,32 +97,53 @@ def select_by_order(order_now, values):
 
 
 class History(NamedTuple):
-    """The last model outputs of a multistep method and their nodes, newest first.
+    """A multistep method's model outputs at its last nodes, newest first, in a ring buffer.
+
+    A step first pushes its own model output (:meth:`push`), then reads the earlier ones from the
+    result: ``value(0)`` is the output just pushed, ``value(1)``, ``value(2)``, ... the earlier
+    ones (``node(k)`` likewise). The buffer has a slot more than the earlier outputs a method
+    reads, so the push overwrites an entry no longer read, in place (one ``dynamic_update_slice``
+    moving ``head``); as every read of the history comes after that write, a ``lax.scan`` carrying
+    the history can update it in place, without copying the buffer or ``x``.
 
     Attributes:
-      values: ``(n, *x.shape)`` model outputs (``x0_hat`` or ``eps_hat``).
-      nodes: ``(n,)`` where they were taken (``lambda`` or ``rho``).
-      count: how many entries are filled (int32; the order a method can use is ``count + 1``).
+      values: ``(size + 1, *x.shape)`` model outputs (``x0_hat`` or ``eps_hat``).
+      nodes: ``(size + 1,)`` where they were taken (``lambda`` or ``rho``).
+      count: how many entries are filled (int32).
+      head: the slot of the newest entry (int32).
     """
 
     values: Array
     nodes: Array
     count: Array
+    head: Array
 
     @classmethod
     def empty(cls, size: int, x: Array) -> History:
+        """No entries, room for the newest output and ``size`` earlier ones."""
         node_dtype = jnp.result_type(x.dtype, jnp.float32)
-        return cls(jnp.zeros((size, *x.shape), x.dtype), jnp.zeros((size,), node_dtype), jnp.zeros((), jnp.int32))
+        zero = jnp.zeros((), jnp.int32)
+        return cls(jnp.zeros((size + 1, *x.shape), x.dtype), jnp.zeros((size + 1,), node_dtype), zero, zero)
+
+    def _slot(self, k: int):
+        return (self.head + k) % self.values.shape[0]
+
+    def value(self, k: int) -> Array:
+        """The ``k``-th newest model output (``k = 0``: the newest)."""
+        return jax.lax.dynamic_index_in_dim(self.values, self._slot(k), keepdims=False)
+
+    def node(self, k: int) -> Array:
+        """The node of the ``k``-th newest model output."""
+        return jax.lax.dynamic_index_in_dim(self.nodes, self._slot(k), keepdims=False)
 
     def push(self, value, node) -> History:
-        """Prepend ``(value, node)``, dropping the oldest entry."""
-
-        def shift(hist, new):
-            return jnp.concatenate([new[None].astype(hist.dtype), hist[:-1]], axis=0)
-
-        count = jnp.minimum(self.count + 1, self.values.shape[0])
-        return History(shift(self.values, value), shift(self.nodes, jnp.asarray(node)), count)
+        """Make ``(value, node)`` the newest entry, written over the oldest."""
+        size = self.values.shape[0]
+        head = (self.head - 1) % size
+        values = jax.lax.dynamic_update_index_in_dim(self.values, jnp.asarray(value, self.values.dtype), head, 0)
+        nodes = jax.lax.dynamic_update_index_in_dim(self.nodes, jnp.asarray(node, self.nodes.dtype), head, 0)
+        return History(values, nodes, jnp.minimum(self.count + 1, size), head)
 
     def order(self, max_order: int):
-        """``min(max_order, count + 1)``: the order the filled history supports."""
-        return jnp.minimum(max_order, self.count + 1)
+        """``min(max_order, count)``: the order the filled entries support (after the push)."""
+        return jnp.minimum(max_order, self.count)

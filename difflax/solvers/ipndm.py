@@ -74,19 +74,20 @@ class IPNDM(Solver):
         check_choice(self.order, (1, 2, 3, 4), "ipndm order")
 
     def init(self, process, x):
-        return History.empty(max(self.order - 1, 1), x)  # eps_{i-1}, eps_{i-2}, ... (newest first)
+        return History.empty(max(self.order - 1, 1), x)  # after step i's push: eps_i, eps_{i-1}, ...
 
     def step(self, denoise, process, x, hist: History, step: Step):
         s, c = coefficients(process, promote_time(step.t, x)), coefficients(process, promote_time(step.t_next, x))
         x0 = call(denoise, x, s.t)
         eps = eps_from_x0(x, x0, s)
         rho_s, rho_t = s.sigma / s.alpha, c.sigma / c.alpha  # rho_s = inf where alpha_s = 0
+        hist = hist.push(eps, rho_s)  # first: the earlier outputs are read from the pushed history
         out = c.alpha * x0 + c.sigma * eps  # first order (DDIM)
         if self.order > 1:
             order_now = hist.order(self.order)
             if self.variable_step:  # a node at rho = inf ends the usable history
                 for k in range(1, self.order):
-                    order_now = jnp.where(~jnp.isfinite(hist.nodes[k - 1]), jnp.minimum(order_now, k), order_now)
+                    order_now = jnp.where(~jnp.isfinite(hist.node(k)), jnp.minimum(order_now, k), order_now)
             higher = order_now > 1
             h = jnp.where(higher, rho_t - rho_s, 0.0)
             rho = jnp.where(higher, rho_s, 0.0)  # finite (rho_s = inf only where the order is 1)
@@ -95,7 +96,7 @@ class IPNDM(Solver):
                 if self.variable_step:
                     # The formula of order k is evaluated at every step and selected below; where k is
                     # above the order in use its missing nodes are distinct finite stand-ins.
-                    nodes = [jnp.where(order_now >= k, hist.nodes[m], rho - (m + 1.0)) for m in range(k - 1)]
+                    nodes = [jnp.where(order_now >= k, hist.node(m + 1), rho - (m + 1.0)) for m in range(k - 1)]
                     coefs.append(_lagrange_coefficients(rho, h, nodes))
                 else:
                     coefs.append(list(_FIXED[k]))
@@ -103,6 +104,6 @@ class IPNDM(Solver):
             for j in range(1, self.order):
                 # the coefficient of (eps_{i-j} - eps_i) at each order (0 where the order has no such term)
                 per_order = [0.0] + [cs[j - 1] if j - 1 < len(cs) else 0.0 for cs in coefs]
-                corr = corr + select_by_order(order_now, per_order) * (hist.values[j - 1] - eps)
+                corr = corr + select_by_order(order_now, per_order) * (hist.value(j) - eps)
             out = out + c.alpha * h * corr
-        return out.astype(x.dtype), hist.push(eps, rho_s)
+        return out.astype(x.dtype), hist

@@ -21,10 +21,12 @@ with per-step scalars ``a_n, b_n, c_n`` and one denoiser evaluation per step:
 
 The fixed point ``x_{n+1} = x_b + sum_{b <= m <= n} d_m(x_m)`` is found by Picard iteration
 on a sliding window of ``p`` steps ``[b, b + p)``: each round evaluates the drifts of all
-steps of the window at the current guesses in ONE batched denoiser call (the ``p`` states
-concatenated along the batch axis, a time vector per example) and replaces the guesses by
-``x_b + cumsum(d)``. The window then slides past the converged steps (Shih et al. 2023,
-alg. 1): with ``M`` the number of values of one example, the error of position ``k`` is
+steps of the window at the current guesses in ONE batched denoiser call (the denoiser
+``vmap``-ed over the window, so every call sees one state of the batch's shape and a time
+vector per example, and a condition the denoiser closes over applies at every position)
+and replaces the guesses by ``x_b + cumsum(d)``. The window then slides past the converged
+steps (Shih et al. 2023, alg. 1): with ``M`` the number of values of one example, the error
+of position ``k`` is
 
     e_k = |x_k^new - x_k^old|^2 / M   (the largest over the batch: one window for the batch),
 
@@ -54,6 +56,13 @@ Array = jax.Array
 __all__ = ["PICARD_SOLVERS", "picard_sample", "step_coefficients"]
 
 PICARD_SOLVERS = ("ddim", "euler", "ddpm")
+
+
+def _evaluate(denoise: Callable, x: Array, t: Array) -> Array:
+    out = denoise(x, t)
+    if out.shape != x.shape:
+        raise ValueError(f"denoise must return an array of the shape of x {x.shape}; got {out.shape}.")
+    return out
 
 
 def step_coefficients(solver: str, process, ts: Array, final_zero: bool) -> tuple[Array, Array, Array, Array]:
@@ -104,8 +113,9 @@ def picard_sample(
     """ParaDiGMS: the sampler ``solver`` on ``steps`` steps, by Picard rounds over a sliding window.
 
     Args:
-      denoise: the denoiser ``denoise(x_t, t) -> x0_hat``; called once per round on
-        ``window * batch`` states with ``t`` of shape ``(window * batch,)``.
+      denoise: the denoiser ``denoise(x_t, t) -> x0_hat``; called once per round, ``vmap``-ed
+        over the window positions, each with ``x_t`` of the shape of ``x_T`` and ``t`` of shape
+        ``(batch,)`` (so a class-conditional denoiser closing over ``(batch,)`` labels works).
       process: the forward process.
       x_T: starting noise, shape ``(batch, ...)``.
       solver: ``"ddim"`` (eta 0), ``"euler"`` (probability-flow ODE) or ``"ddpm"`` (ancestral, needs ``key``).
@@ -135,7 +145,7 @@ def picard_sample(
     window = check_positive_int(N if window is None else window, "window")
     max_rounds = check_positive_int(N if max_rounds is None else max_rounds, "max_rounds")
     p = min(window, N)
-    B, event = x_T.shape[0], x_T.shape[1:]
+    B = x_T.shape[0]
     dtype = x_T.dtype
 
     a, b, c, var = (v.astype(dtype) for v in step_coefficients(solver, process, ts, final_zero))
@@ -156,10 +166,7 @@ def picard_sample(
         valid = k < N
         kc = jnp.minimum(k, N - 1)
         xs = X[kc]  # (p, B, ...)
-        x0 = denoise(xs.reshape(p * B, *event), jnp.repeat(t_in[kc], B))
-        if x0.shape != (p * B, *event):
-            raise ValueError(f"denoise must return an array of the shape of x {(p * B, *event)}; got {x0.shape}.")
-        x0 = x0.reshape(xs.shape)
+        x0 = jax.vmap(lambda y, t: _evaluate(denoise, y, t))(xs, jnp.broadcast_to(t_in[kc][:, None], (p, B)))
         new = at(a[kc], xs) * xs + at(b[kc], xs) * x0
         if noise is not None:
             new = new + noise[kc]

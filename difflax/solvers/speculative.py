@@ -15,8 +15,9 @@ example, from the current state ``y_0 = x`` at grid index ``n``:
 
 1. Draft ``K`` transitions sequentially (cheap): ``y_{i+1} = m_q(y_i) + std z_i``,
    ``z_i ~ N(0, I)``.
-2. Evaluate the target on ``y_0, ..., y_K`` in ONE batched call (the ``K + 1`` states are
-   concatenated along the batch axis with a time vector per example).
+2. Evaluate the target on ``y_0, ..., y_K`` in ONE batched call (the target ``vmap``-ed over
+   the ``K + 1`` states, each of the batch's shape with a time vector per example, so a
+   condition the target closes over applies to every state).
 3. Verify ``i = 0, 1, ...`` in order: accept ``y_{i+1}`` with probability
    ``min(1, p_i(y_{i+1}) / q_i(y_{i+1}))``. Both are Gaussians with covariance
    ``std^2 I``, so with ``delta = (m_p - m_q) / std``
@@ -160,7 +161,9 @@ def speculative_sample(
     """Exact samples of the target's ancestral sampler, drafted ``K`` steps at a time.
 
     Args:
-      target: the target denoiser ``target(x_t, t) -> x0_hat`` (called with ``t`` of shape ``(batch,)``).
+      target: the target denoiser ``target(x_t, t) -> x0_hat``, called with ``x_t`` of the shape of
+        ``x_T`` and ``t`` of shape ``(batch,)`` (``vmap``-ed over a round's ``K + 1`` states, so a
+        class-conditional denoiser closing over ``(batch,)`` labels works).
       draft: a draft denoiser with the same contract, or ``"frozen"`` (the target's ``x0``
         at the last verified state, held fixed over a round; no draft evaluations).
       process: the forward process of both denoisers.
@@ -234,8 +237,7 @@ def speculative_sample(
 
         # 2. One batched target call on all K + 1 states.
         t_states = times[jnp.minimum(n[None] + idx[:, None], N)]  # (K + 1, B)
-        x0p = _evaluate(target, states.reshape((K + 1) * B, *event), t_states.reshape(-1), "target")
-        x0p = x0p.reshape(states.shape)
+        x0p = jax.vmap(lambda y, t: _evaluate(target, y, t, "target"))(states, t_states)
 
         # 3.-4. Verify the K transitions y_i -> y_{i+1}; reflect at the first rejection.
         coef = step(n[None] + idx[:K, None])  # (4, K, B)

@@ -152,42 +152,41 @@ class UniPC(Solver):
         check_choice(self.variant, ("bh1", "bh2"), "unipc variant")
 
     def init(self, process, x):
-        hist = History.empty(self.order, x)  # m_{i-1}, m_{i-2}, ... (newest first)
+        hist = History.empty(self.order, x)  # after step i's push: m_i, m_{i-1}, ..., m_{i-order}
         return UniPCState(hist, jnp.zeros_like(x), jnp.ones((), hist.nodes.dtype), jnp.zeros((), jnp.int32))
 
     def step(self, denoise, process, x, state: UniPCState, step: Step):
-        hist = state.history
         s, c = coefficients(process, promote_time(step.t, x)), coefficients(process, promote_time(step.t_next, x))
         m = call(denoise, x, s.t)
+        hist = state.history.push(m, s.lam)  # first: the earlier outputs are read from the pushed history
         n = self.order - 1
 
         # ---- UniC: correct x (at s, predicted from x_prev at s0 = t_{i-1}) with m = D(x, s).
         order_c = state.order_prev
         use_c = order_c >= 1
-        lam_s0 = jnp.where(use_c, hist.nodes[0], s.lam - 1.0)
+        lam_s0 = jnp.where(use_c, hist.node(1), s.lam - 1.0)
         h_c = jnp.where(use_c, s.lam - lam_s0, 1.0)
         h_c = jnp.where(s.lam == lam_s0, 0.0, h_c)
-        q_c = _reciprocal_nodes(h_c, hist.nodes[1:], lam_s0, n, order_c)
+        q_c = _reciprocal_nodes(h_c, [hist.node(k) for k in range(2, n + 2)], lam_s0, n, order_c)
         cks, a_t = _corrector_coefs(h_c, q_c, jnp.maximum(order_c, 1), self.order, self.variant)
-        m0 = hist.values[0]
+        m0 = hist.value(1)
         k_prev = jnp.where(use_c, s.sigma / state.sigma_prev, 0.0)
         k_m0 = jnp.where(use_c, -zphi(1, -h_c), 0.0)  # 1 - e^{-h}
         corr = k_m0 * m0 - jnp.where(use_c, a_t, 0.0) * (m - m0)
         for k in range(n):
-            corr = corr - jnp.where(use_c, cks[k], 0.0) * (hist.values[k + 1] - m0)
+            corr = corr - jnp.where(use_c, cks[k], 0.0) * (hist.value(k + 2) - m0)
         x_c = (k_prev * state.x_prev + jnp.where(use_c, 0.0, 1.0) * x + s.alpha * corr).astype(x.dtype)
 
         # ---- UniP: predict x_{i+1} from x_c with m at s.
         order_p = hist.order(self.order)
         if self.lower_order_final:  # unlike DPM-Solver++, at any number of steps (as diffusers)
             order_p = jnp.minimum(order_p, step.num_steps - step.index)
-        hist = hist.push(m, s.lam)
         h = step_size(s, c)
-        q_p = _reciprocal_nodes(h, hist.nodes[1:], s.lam, n, order_p)
+        q_p = _reciprocal_nodes(h, [hist.node(k) for k in range(1, n + 1)], s.lam, n, order_p)
         cks = _predictor_coefs(h, q_p, order_p, self.order, self.variant)
         pred = -zphi(1, -h) * m
         for k in range(n):
-            pred = pred - cks[k] * (hist.values[k + 1] - m)
+            pred = pred - cks[k] * (hist.value(k + 1) - m)
         out = (c.sigma / s.sigma) * x_c + c.alpha * pred
         new = UniPCState(hist, x_c, s.sigma.astype(state.sigma_prev.dtype), order_p.astype(jnp.int32))
         return out.astype(x.dtype), new
