@@ -26,19 +26,21 @@ setup(
     ],
     python_requires=">=3.11",
     packages=find_packages(include=["difflax", "difflax.*"]),
+    # Lower bounds are tested: CI installs exactly constraints-min.txt and runs tests/test_smoke.py.
     install_requires=[
-        "jax>=0.4.35",
-        "chex>=0.1.87",
-        "diffrax>=0.6.0",
-        "flax>=0.10.0",
-        "optax>=0.2.4",
-        "orbax-checkpoint>=0.10.0",
+        "jax>=0.7.0",
+        "chex>=0.1.89",
+        "diffrax>=0.7.0",
+        "flax>=0.11.0",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11.20",
         "ml-collections>=1.0.0",
-        "absl-py>=2.0",
-        "numpy>=1.26",
-        "scikit-learn>=1.4",
-        "matplotlib>=3.8",
-        "tqdm>=4.66",
+        "absl-py>=2.1.0",
+        "numpy>=1.26.4",
+        "scikit-learn>=1.4.2",
+        "matplotlib>=3.8.4",
+        "tqdm>=4.66.1",
+        "safetensors>=0.4.3",  # difflax.convert reads pretrained weights with its NumPy API (no torch)
     ],
     extras_require={
         "dev": [
