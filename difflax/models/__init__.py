@@ -7,13 +7,20 @@ model and its parameters).
 
 * :class:`UNet`: DDPM++ / ADM U-Net for images (Song et al. 2021; Dhariwal & Nichol 2021).
 * :class:`DiT`: Diffusion Transformer (Peebles & Xie 2023); standard sizes via :func:`dit`.
+* :class:`UNet2D`, :class:`DiTTransformer2D`: the DDPM U-Net and DiT in the tensor layouts of
+  published PyTorch checkpoints (diffusers' ``UNet2DModel``, ``DiTTransformer2DModel``), which
+  :mod:`difflax.convert` reads exactly.
+* :class:`AutoencoderKL`: the KL-regularized autoencoder of latent diffusion (Rombach et al. 2022),
+  in the layout of the Stable Diffusion VAE.
 * :class:`MLPResNet`: residual MLP for low-dimensional data.
 * :class:`AdvKDStudent`, :class:`AdvKDCritics`: the one-pass student and per-stage critics of
   adversarial knowledge distillation (:mod:`difflax.distill.advkd`).
 """
 
 from difflax.models.advkd import AdvKDCritics, AdvKDStudent, advkd_networks
+from difflax.models.autoencoder import AutoencoderKL, DiagonalGaussian, autoencoder_loss
 from difflax.models.dit import DIT_CONFIGS, DiT, DiTBlock, dit, dit_config, sincos_position_embedding
+from difflax.models.dit_transformer import DiTTransformer2D
 from difflax.models.embeddings import (
     ClassEmbedding,
     ConditionEmbedding,
@@ -23,22 +30,28 @@ from difflax.models.embeddings import (
 from difflax.models.layers import SelfAttention
 from difflax.models.mlp import MLPResBlock, MLPResNet
 from difflax.models.unet import AttentionBlock, ResBlock, UNet
+from difflax.models.unet2d import UNet2D
 
 __all__ = [
     "DIT_CONFIGS",
     "AdvKDCritics",
     "AdvKDStudent",
     "AttentionBlock",
+    "AutoencoderKL",
     "ClassEmbedding",
     "ConditionEmbedding",
     "DiT",
     "DiTBlock",
+    "DiTTransformer2D",
+    "DiagonalGaussian",
     "MLPResBlock",
     "MLPResNet",
     "ResBlock",
     "SelfAttention",
     "UNet",
+    "UNet2D",
     "advkd_networks",
+    "autoencoder_loss",
     "dit",
     "dit_config",
     "fourier_features",

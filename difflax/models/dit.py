@@ -22,7 +22,8 @@ from difflax.models.layers import SelfAttention, maybe_remat, with_self_conditio
 Array = jax.Array
 Dtype = Any
 
-__all__ = ["DIT_CONFIGS", "DiT", "DiTBlock", "FinalLayer", "dit", "dit_config", "sincos_position_embedding"]
+__all__ = ["DIT_CONFIGS", "DiT", "DiTBlock", "FinalLayer", "dit", "dit_config", "sincos_axis_embedding",
+           "sincos_position_embedding"]
 
 # (depth, hidden_size, num_heads) of Peebles & Xie 2023, table 1.
 _SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
@@ -49,22 +50,24 @@ def dit(name: str, **kwargs) -> DiT:
     return DiT(**{**dit_config(name), **kwargs})
 
 
+def sincos_axis_embedding(pos: np.ndarray, dim: int) -> np.ndarray:
+    """``(len(pos), dim)`` embedding ``[sin(pos w_k), cos(pos w_k)]`` with ``w_k = 10000^(-k / (dim / 2))``."""
+    omega = 1.0 / 10_000.0 ** (np.arange(dim // 2, dtype=np.float64) / (dim // 2))
+    args = np.asarray(pos, np.float64).reshape(-1)[:, None] * omega[None, :]
+    return np.concatenate([np.sin(args), np.cos(args)], axis=1)
+
+
 def sincos_position_embedding(height: int, width: int, dim: int) -> np.ndarray:
     """Fixed 2-D sine-cosine position embedding ``(height * width, dim)`` (MAE, He et al. 2022).
 
-    Half of the channels encode the row, half the column, each as
-    ``[sin(pos w_k), cos(pos w_k)]`` with ``w_k = 10000^(-k / (dim / 4))``.
+    Half of the channels encode the row, half the column, each with
+    :func:`sincos_axis_embedding` of ``dim / 2`` channels.
     """
     if dim % 4:
         raise ValueError(f"the 2-D sin-cos position embedding needs hidden_size divisible by 4; got {dim}.")
-    omega = 1.0 / 10_000.0 ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))
-
-    def encode(pos):
-        args = pos.reshape(-1)[:, None] * omega[None, :]
-        return np.concatenate([np.sin(args), np.cos(args)], axis=1)
-
     rows, cols = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64), indexing="ij")
-    return np.concatenate([encode(rows), encode(cols)], axis=1).astype(np.float32)
+    return np.concatenate([sincos_axis_embedding(rows, dim // 2), sincos_axis_embedding(cols, dim // 2)],
+                          axis=1).astype(np.float32)
 
 
 def _adaln_zero(c: Array, chunks: int, features: int, kw: dict) -> list[Array]:
