@@ -40,7 +40,7 @@ setup(
         "scikit-learn>=1.4.2",
         "matplotlib>=3.8.4",
         "tqdm>=4.66.1",
-        "safetensors>=0.4.3",  # difflax.convert reads pretrained weights with its NumPy API (no torch)
+        "safetensors>=0.4.3",  # difflax.hub reads pretrained weights with its NumPy API (no torch)
     ],
     extras_require={
         "dev": [

@@ -16,9 +16,9 @@ import optax
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from difflax.convert import ConversionError
-from difflax.convert.vae import convert_autoencoder_kl, export_autoencoder_kl
 from difflax.data import load_digits
+from difflax.hub import ConversionError
+from difflax.hub.vae import convert_autoencoder_kl, export_autoencoder_kl
 from difflax.models import AutoencoderKL, DiagonalGaussian, autoencoder_loss
 
 # The diffusers comparison's size; the tests without torch use a tinier one on 1-channel 16 x 16 digits.

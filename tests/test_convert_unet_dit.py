@@ -20,7 +20,7 @@ diffusers = pytest.importorskip("diffusers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 import difflax  # noqa: E402
-from difflax.convert import (  # noqa: E402
+from difflax.hub import (  # noqa: E402
     ConversionError,
     convert_dit,
     convert_unet2d,
@@ -29,8 +29,8 @@ from difflax.convert import (  # noqa: E402
     export_unet2d,
     unet2d_from_config,
 )
-from difflax.convert.dit import _DEFAULTS as DIT_DEFAULTS  # noqa: E402
-from difflax.convert.unet import _DEFAULTS as UNET_DEFAULTS  # noqa: E402
+from difflax.hub.dit import _DEFAULTS as DIT_DEFAULTS  # noqa: E402
+from difflax.hub.unet import _DEFAULTS as UNET_DEFAULTS  # noqa: E402
 
 pytestmark = [
     pytest.mark.bench,

@@ -35,7 +35,7 @@ PACKAGE = "difflax"
 MAX_LINES = 500
 
 # Low to high: a module may import its own layer and the layers below it. The upper layers
-# follow the picture in DESIGN.md (metrics < distill < models < convert < data < train); the foundation
+# follow the picture in DESIGN.md (metrics < distill < models < hub < data < train); the foundation
 # modules are the helpers every core module may use.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("pytree", "checks", "conditions"),
@@ -50,7 +50,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("metrics",),
     ("distill",),
     ("models",),
-    ("convert",),
+    ("hub",),
     ("data",),
     ("train",),
 )

@@ -17,11 +17,14 @@ import difflax
 from difflax.analytic import GaussianMixture
 
 
-def test_every_module_imports():
+def test_every_module_imports_and_no_subpackage_shadows_the_public_api():
+    public = {name: getattr(difflax, name) for name in difflax.__all__}
     names = [m.name for m in pkgutil.walk_packages(difflax.__path__, "difflax.")]
     assert len(names) > 40
     for name in names:
         importlib.import_module(name)
+    shadowed = [name for name, value in public.items() if getattr(difflax, name) is not value]
+    assert not shadowed, f"importing a subpackage replaced difflax.{shadowed}"  # e.g. a package named like a function
 
 
 @pytest.mark.parametrize("solver", ["ddim", "heun", "dpmpp_2m", "unipc", "ddpm", "adaptive"])

@@ -14,10 +14,12 @@ Storage (config name ``"latents:<path>"``):
 - a directory with ``latents.npy`` and ``labels.npy``: memory-mapped, for datasets larger
   than memory (ImageNet at 32x32x4 in float16 is about 10 GB).
 
-Either may hold an optional scalar ``scale`` (the ``scale`` key of the ``.npz``, or
-``scale.npy``), multiplied into the latents when read (0.18215 for raw SD-VAE means);
-without it the latents are used as stored. An optional scalar ``num_classes`` does the
-same for the class count, which otherwise is ``max(labels) + 1``.
+Either may hold optional scalars ``shift`` and ``scale`` (keys of the ``.npz``, or
+``shift.npy`` and ``scale.npy``): the latents ``z`` are read as ``(z - shift) * scale``, the
+``to_latent`` of :class:`~difflax.models.AutoencoderKL` (scale 0.18215 for raw SD-VAE means);
+without them the latents are used as stored. An optional scalar ``num_classes`` gives the
+class count, which otherwise is ``max(labels) + 1``. :func:`difflax.data.encode.encode_dataset`
+writes such a directory from images (with the VAE recorded in ``vae.json`` for decoding).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ __all__ = ["LatentDataset", "latent_dataset"]
 def _load(path: str):
     if os.path.isdir(path):
         arrays = {}
-        for key in ("latents", "labels", "scale", "num_classes"):
+        for key in ("latents", "labels", "scale", "shift", "num_classes"):
             file = os.path.join(path, f"{key}.npy")
             if os.path.exists(file):
                 arrays[key] = np.load(file, mmap_mode="r" if key in ("latents", "labels") else None)
@@ -69,6 +71,7 @@ class LatentDataset:
                 f"latents ({len(self.latents)}) and labels ({len(self.labels)}) must have the same, non-zero length."
             )
         self.scale = float(arrays["scale"]) if "scale" in arrays else 1.0
+        self.shift = float(arrays["shift"]) if "shift" in arrays else 0.0
         self.example_shape = tuple(int(d) for d in self.latents.shape[1:])
         if "num_classes" in arrays:
             self.num_classes = int(arrays["num_classes"])
@@ -81,7 +84,7 @@ class LatentDataset:
     def __repr__(self) -> str:
         return (
             f"LatentDataset({self.path!r}, records={len(self)}, example_shape={self.example_shape}, "
-            f"num_classes={self.num_classes}, scale={self.scale}, flip={self.flip})"
+            f"num_classes={self.num_classes}, scale={self.scale}, shift={self.shift}, flip={self.flip})"
         )
 
     def batch(self, seed: int, step: int, batch_size: int, process_index: int = 0, process_count: int = 1) -> Batch:
@@ -93,6 +96,8 @@ class LatentDataset:
         order = np.argsort(idx)  # sorted reads are faster from a memory map
         x = np.empty((len(idx), *self.example_shape), np.float32)
         x[order] = self.latents[idx[order]]
+        if self.shift != 0.0:
+            x -= np.float32(self.shift)
         if self.scale != 1.0:
             x *= np.float32(self.scale)
         if self.flip:

@@ -9,7 +9,7 @@ model and its parameters).
 * :class:`DiT`: Diffusion Transformer (Peebles & Xie 2023); standard sizes via :func:`dit`.
 * :class:`UNet2D`, :class:`DiTTransformer2D`: the DDPM U-Net and DiT in the tensor layouts of
   published PyTorch checkpoints (diffusers' ``UNet2DModel``, ``DiTTransformer2DModel``), which
-  :mod:`difflax.convert` reads exactly.
+  :mod:`difflax.hub` reads exactly.
 * :class:`AutoencoderKL`: the KL-regularized autoencoder of latent diffusion (Rombach et al. 2022),
   in the layout of the Stable Diffusion VAE.
 * :class:`MLPResNet`: residual MLP for low-dimensional data.

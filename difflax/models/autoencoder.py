@@ -12,7 +12,7 @@ with asymmetric padding (one row and column after the image, none before) to dow
 nearest-neighbour up-sampling followed by a 3x3 convolution, a middle block of two residual blocks
 around a single-head self-attention, and optional 1x1 ``quant_conv`` / ``post_quant_conv`` around the
 latent. Submodules are named after diffusers' modules (``down_blocks_0/resnets_1/conv1`` for
-``down_blocks.0.resnets.1.conv1``) so that :mod:`difflax.convert.vae` maps parameters by name.
+``down_blocks.0.resnets.1.conv1``) so that :mod:`difflax.hub.vae` maps parameters by name.
 
 Images and latents are channels-last, ``(batch, height, width, channels)``, like every difflax model.
 Diffusion runs on ``to_latent(z) = (z - shift_factor) * scaling_factor`` (section 4.3.2 of

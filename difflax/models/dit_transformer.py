@@ -1,7 +1,7 @@
 """Diffusion Transformer (Peebles & Xie 2023) in the tensor layout of diffusers' ``DiTTransformer2DModel``.
 
 This is the network of the published ``DiT-XL-2-256`` checkpoint as diffusers lays it out,
-written in Flax for NHWC latents so that it converts exactly (:mod:`difflax.convert.dit`). It
+written in Flax for NHWC latents so that it converts exactly (:mod:`difflax.hub.dit`). It
 computes what difflax's :class:`~difflax.models.DiT` computes except for details that change
 the output: the 2-D sine-cosine position embedding encodes the column (``w``) in its first
 half and the row in its second (difflax's puts rows first), the timestep sinusoid has

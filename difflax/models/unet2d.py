@@ -2,7 +2,7 @@
 
 This is the network of the published DDPM / ADM-style pixel checkpoints (e.g. the
 ``ddpm-cifar10-32`` family), written in Flax for NHWC images so that such a checkpoint
-converts exactly (:mod:`difflax.convert.unet`). It differs from difflax's own
+converts exactly (:mod:`difflax.hub.unet`). It differs from difflax's own
 :class:`~difflax.models.UNet` in ways that change the output: the timestep embedding is
 *added* to the features before the second GroupNorm (``resnet_time_scale_shift="default"``;
 ``"scale_shift"`` is the FiLM of ADM), attention sits in the blocks named by

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 import difflax
 from difflax.data import make_dataset
+from difflax.data.encode import dataset_decoder
 from difflax.train import builders, plots
 from difflax.train.checkpoint import Checkpointer
 from difflax.train.config_checks import check_config
@@ -85,6 +86,7 @@ class Trainer:
         self.dataset = dataset
         self.num_classes = self.dataset.num_classes
         self.example_shape = tuple(self.dataset.example_shape)
+        self.decode = dataset_decoder(config.data.name)  # latents -> images for pictures, or None
         self.process = builders.build_process(config.process)
         self.model = builders.build_model(config.model, self.num_classes)
         self.tx = make_optimizer(config.optim, config.train.steps)
@@ -341,7 +343,8 @@ def write_samples(trainer: Trainer, x: np.ndarray, path: str, title: str) -> Non
     """``samples.png``-style figure: all 2-D points, or up to 10 rows of images beside as many real ones.
 
     A class-conditional model's samples cycle through the classes, so with ``num_classes``
-    columns each column is one class; the real images are laid out the same way.
+    columns each column is one class; the real images are laid out the same way. Latent data
+    with a recorded VAE is shown decoded (samples and real latents alike).
     """
     conditional = trainer.config.model.get("class_conditional", False)
     cols = trainer.num_classes if conditional else None
@@ -358,6 +361,8 @@ def write_samples(trainer: Trainer, x: np.ndarray, path: str, title: str) -> Non
         real = np.stack([pool["x"][order[c][r]] for r in range(rows) for c in range(cols)])
     else:
         real = pool["x"][: len(x)]
+    if trainer.decode is not None:
+        x, real = trainer.decode(x), trainer.decode(real)
     plots.sample_grid(x, np.asarray(real), path, title, cols=cols)
 
 

@@ -97,7 +97,12 @@ def _with_sampler(config, solver, steps, grid, guidance_scale):
 
 def sample_run(workdir: str, step="latest", *, solver=None, steps=None, grid=None, guidance_scale=None,
                num: int = 100, seed: int = 0, trajectory: bool = False) -> dict:
-    """Sample ``num`` points from the run in ``workdir``; returns the paths written."""
+    """Sample ``num`` points from the run in ``workdir``; returns the paths written.
+
+    The ``.npz`` holds the samples ``x`` (and ``labels`` of a class-conditional run). A run on
+    ``latents:<dir>`` encoded with a recorded VAE (:func:`difflax.data.encode.encode_dataset`) also
+    gets its samples decoded, ``images`` in the ``.npz``, and the PNG shows the decoded images.
+    """
     trainer, state = load_run(workdir, step)
     config = _with_sampler(trainer.config, solver, steps, grid, guidance_scale)
     if num < 1:
@@ -114,7 +119,9 @@ def sample_run(workdir: str, step="latest", *, solver=None, steps=None, grid=Non
     paths = {"png": os.path.join(out, f"{name}.png"), "npz": os.path.join(out, f"{name}.npz")}
     conditional = config.model.get("class_conditional", False)
     labels = np.arange(num) % trainer.num_classes if conditional else None
-    np.savez(paths["npz"], x=x, **({} if labels is None else {"labels": labels}))
+    images = None if trainer.decode is None else trainer.decode(x)
+    np.savez(paths["npz"], x=x, **({} if labels is None else {"labels": labels}),
+             **({} if images is None else {"images": images}))
     write_samples(trainer, x, paths["png"], f"{config.data.name}, step {int(state.step)}: {cfg.solver}, "
                                             f"NFE {int(info['nfe'])}")
     if trajectory:

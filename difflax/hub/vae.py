@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from difflax.convert.common import ConversionError, TensorSource, load_config, load_tensors
+from difflax.hub.common import ConversionError, TensorSource, load_config, load_tensors
+from difflax.hub.pipeline import model_folder
 from difflax.models.autoencoder import AutoencoderKL
 
 __all__ = ["autoencoder_kl_from_config", "convert_autoencoder_kl", "export_autoencoder_kl"]
@@ -94,7 +95,8 @@ def _source_name(name: str, source: TensorSource) -> str:
 
 
 def convert_autoencoder_kl(path: str | os.PathLike) -> tuple[AutoencoderKL, dict, dict]:
-    """``(model, params, info)`` from a diffusers ``AutoencoderKL`` directory (``config.json`` and weights).
+    """``(model, params, info)`` from a diffusers ``AutoencoderKL`` directory (``config.json`` and weights),
+    or from a pipeline's root holding it in ``vae/``.
 
     ``model.apply({"params": params}, x, method="encode")`` then matches diffusers' ``encode`` on the
     NCHW transpose of ``x``. ``info`` holds ``scaling_factor`` and ``shift_factor`` (the model applies
@@ -102,7 +104,7 @@ def convert_autoencoder_kl(path: str | os.PathLike) -> tuple[AutoencoderKL, dict
     ``latents_mean``, ``latents_std`` and ``force_upcast``. Every tensor is used exactly once and its shape
     checked; otherwise :class:`ConversionError` names the tensor and nothing is returned.
     """
-    path = os.fspath(path)
+    path = model_folder(os.fspath(path), "vae")
     config = load_config(path)
     model, in_channels = autoencoder_kl_from_config(config)
     source = TensorSource(load_tensors(path), origin=path)

@@ -3,7 +3,7 @@
 ``convert_unet2d(path)`` reads a model folder (``config.json`` and
 ``diffusion_pytorch_model.safetensors``, or a pipeline root with ``unet/``) into a
 :class:`~difflax.models.UNet2D`, its parameters and a
-:class:`~difflax.convert.pipeline.CheckpointInfo` (the DDPM process of the scheduler config and
+:class:`~difflax.hub.pipeline.CheckpointInfo` (the DDPM process of the scheduler config and
 the prediction type); ``export_unet2d`` writes the parameters back under the checkpoint's
 tensor names. Attention tensors of checkpoints saved before diffusers renamed them
 (``query``, ``key``, ``value``, ``proj_attn``) are read under their current names
@@ -12,7 +12,7 @@ tensor names. Attention tensors of checkpoints saved before diffusers renamed th
 Implemented: the positional timestep embedding, ``DownBlock2D`` / ``AttnDownBlock2D`` /
 ``UpBlock2D`` / ``AttnUpBlock2D`` with convolutional re-sampling, ``UNetMidBlock2D``, the
 class embedding of ``num_class_embeds`` and both ``resnet_time_scale_shift`` modes. Any other
-value of a config key raises :class:`~difflax.convert.ConversionError` naming the key.
+value of a config key raises :class:`~difflax.hub.ConversionError` naming the key.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from difflax.convert.common import ConversionError, TensorSource, load_tensors
-from difflax.convert.layout import check_tree, export_params, import_params
-from difflax.convert.pipeline import CheckpointInfo, checkpoint_info, model_folder, read_config, require
+from difflax.hub.common import ConversionError, TensorSource, load_tensors
+from difflax.hub.layout import check_tree, export_params, import_params
+from difflax.hub.pipeline import CheckpointInfo, checkpoint_info, model_folder, read_config, require
 from difflax.models.unet2d import DOWN_BLOCK_TYPES, UP_BLOCK_TYPES, UNet2D
 
 __all__ = ["convert_unet2d", "export_unet2d", "unet2d_from_config"]

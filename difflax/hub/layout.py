@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from difflax.convert.common import ConversionError, TensorSource
+from difflax.hub.common import ConversionError, TensorSource
 
 __all__ = ["check_tree", "export_params", "import_params", "tensor_name"]
 

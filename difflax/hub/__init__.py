@@ -13,11 +13,11 @@ what makes it a denoiser (:class:`CheckpointInfo`: the DDPM process of the sched
 and the prediction type). Export writes the same tensors back, bit for bit.
 """
 
-from difflax.convert.common import ConversionError, load_config, load_tensors
-from difflax.convert.dit import convert_dit, dit_from_config, export_dit
-from difflax.convert.pipeline import CheckpointInfo
-from difflax.convert.unet import convert_unet2d, export_unet2d, unet2d_from_config
-from difflax.convert.vae import autoencoder_kl_from_config, convert_autoencoder_kl, export_autoencoder_kl
+from difflax.hub.common import ConversionError, load_config, load_tensors
+from difflax.hub.dit import convert_dit, dit_from_config, export_dit
+from difflax.hub.pipeline import CheckpointInfo
+from difflax.hub.unet import convert_unet2d, export_unet2d, unet2d_from_config
+from difflax.hub.vae import autoencoder_kl_from_config, convert_autoencoder_kl, export_autoencoder_kl
 
 __all__ = [
     "CheckpointInfo",

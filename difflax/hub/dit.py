@@ -2,7 +2,7 @@
 
 ``convert_dit(path)`` reads a model folder (``config.json`` and the weights, or a pipeline
 root with ``transformer/``) into a :class:`~difflax.models.DiTTransformer2D`, its parameters
-and a :class:`~difflax.convert.pipeline.CheckpointInfo`; ``export_dit`` writes the parameters
+and a :class:`~difflax.hub.pipeline.CheckpointInfo`; ``export_dit`` writes the parameters
 back under the checkpoint's tensor names.
 
 Every block of the layout holds its own timestep + label embedding
@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from difflax.convert.common import ConversionError, TensorSource, load_tensors
-from difflax.convert.layout import check_tree, export_params, import_params
-from difflax.convert.pipeline import CheckpointInfo, checkpoint_info, model_folder, read_config, require
+from difflax.hub.common import ConversionError, TensorSource, load_tensors
+from difflax.hub.layout import check_tree, export_params, import_params
+from difflax.hub.pipeline import CheckpointInfo, checkpoint_info, model_folder, read_config, require
 from difflax.models.dit_transformer import DiTTransformer2D
 
 __all__ = ["convert_dit", "dit_from_config", "export_dit"]
@@ -90,7 +90,7 @@ def _tied(tensors: dict[str, np.ndarray], num_layers: int) -> bool:
 def convert_dit(path: str, scheduler: dict | str | None = None) -> tuple[DiTTransformer2D, dict, CheckpointInfo]:
     """``(model, params, info)`` of a ``DiTTransformer2DModel`` folder, every tensor used and shape-checked.
 
-    ``scheduler`` as in :func:`~difflax.convert.convert_unet2d` (by default the pipeline's
+    ``scheduler`` as in :func:`~difflax.hub.convert_unet2d` (by default the pipeline's
     ``scheduler/scheduler_config.json``). The network reads NHWC latents, the process time
     ``t`` (embedding the step ``n = N t - 1`` of ``info.process``) and labels ``y`` (``None``:
     the null class). With learned sigma (``out_channels = 2 C``) the first ``C`` output channels

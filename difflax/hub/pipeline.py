@@ -15,7 +15,7 @@ import json
 import os
 from typing import Any, NamedTuple
 
-from difflax.convert.common import ConversionError, load_config
+from difflax.hub.common import ConversionError, load_config
 from difflax.processes import DiscreteVP
 
 __all__ = ["PREDICTIONS", "CheckpointInfo", "checkpoint_info", "model_folder", "read_config", "require"]
