@@ -69,11 +69,18 @@ def sample_grid(samples: np.ndarray, real: np.ndarray, path: str, title: str = "
 
 
 def trajectory_gif(frames: np.ndarray, times: np.ndarray, path: str, cols: int | None = None, fps: int = 6) -> None:
-    """An animated GIF of a sampling path: ``frames[k]`` (samples at time ``times[k]``), one frame each."""
+    """An animated GIF of a sampling path: ``frames[k]`` (samples at time ``times[k]``), one frame each.
+
+    Image frames noisier than the last are scaled down to its spread, so that the noise shows as
+    texture instead of saturating the grey scale.
+    """
     from matplotlib.animation import FuncAnimation, PillowWriter
 
     plt = _pyplot()
-    frames = np.asarray(frames)
+    frames = np.asarray(frames, np.float32)
+    if frames.ndim > 3:
+        spread = frames.reshape(len(frames), -1).std(axis=1)
+        frames = frames * np.minimum(1.0, spread[-1] / np.maximum(spread, 1e-12)).reshape(-1, *[1] * (frames.ndim - 1))
     cols = cols or int(np.ceil(np.sqrt(frames.shape[1])))
     limits = _limits(frames[-1], frames[0]) if frames.ndim == 3 else None
     fig, ax = plt.subplots(figsize=(4.8, 4.8))

@@ -122,8 +122,10 @@ def sample_run(workdir: str, step="latest", *, solver=None, steps=None, grid=Non
     images = None if trainer.decode is None else trainer.decode(x)
     np.savez(paths["npz"], x=x, **({} if labels is None else {"labels": labels}),
              **({} if images is None else {"images": images}))
+    scale = cfg.get("guidance_scale", 1.0)
+    guided = f", guidance {scale:g}" if config.model.get("class_conditional", False) and scale != 1.0 else ""
     write_samples(trainer, x, paths["png"], f"{config.data.name}, step {int(state.step)}: {cfg.solver}, "
-                                            f"NFE {int(info['nfe'])}")
+                                            f"NFE {int(info['nfe'])}{guided}")
     if trajectory:
         paths["gif"] = os.path.join(out, f"{name}.gif")
         frames = np.asarray(jax.device_get(info["trajectory"]))
