@@ -22,6 +22,7 @@ import pytest
 
 from difflax.data import make_dataset
 from difflax.train import (
+    Checkpointer,
     CheckpointError,
     ConfigError,
     RecipeMismatch,
@@ -90,11 +91,13 @@ def test_diverging_learning_rate_exits_nonzero_with_no_nonfinite_checkpoint(tmp_
 
 def test_retention_holds_across_restarts(tmp_path):
     """Finding 2: keep=2, keep_best=1 and three restarts keep at most 3 checkpoints (the old job
-    kept every step saved before each restart: 9 here)."""
+    kept every step saved before each restart: 9 here). Each restart is a new checkpoint manager
+    reading the directory (the compiled step is reused, to keep the test fast)."""
     config = tiny_config(steps=18, save_every=2)
     config.train.keep, config.train.keep_best = 2, 1
+    trainer = Trainer(config, str(tmp_path))
     for stop in (6, 12, 18):
-        trainer = Trainer(config, str(tmp_path))
+        trainer.checkpointer = Checkpointer(str(tmp_path / "checkpoints"), keep=2, keep_best=1, async_save=False)
         trainer.run(stop_at=stop, progress=False)
         steps = trainer.checkpointer.all_steps()
         assert stop - 2 in steps and stop in steps and len(steps) <= 3, (stop, steps)
