@@ -89,6 +89,11 @@ class Process:
 
     t_min: float
     t_max: float
+    # Which grids spread a sampler's steps well over this process's time, so that ``difflax.sample``
+    # can adapt a solver's default grid (``difflax.solvers.registry.DEFAULT_GRIDS``): "diffusion"
+    # (a diffusion clock: VP, DDPM tables), "noise_level" (t is sigma or log sigma: VE, EDM) or
+    # "uniform_time" (log-SNR unbounded or far wider than the data need; uniform steps in t suit it).
+    grid_kind: str = "diffusion"
 
     def alpha_sigma(self, t):
         """``(alpha(t), sigma(t))`` in one call."""
@@ -211,8 +216,12 @@ class VP(Process):
 class SubVP(Process):
     """Sub-VP process (Song et al. 2021, eq. 29): VP's mean, ``sigma = 1 - exp(-B)``.
 
-    Forward SDE ``dx = -beta/2 x dt + sqrt(beta (1 - exp(-2B))) dw``.
+    Forward SDE ``dx = -beta/2 x dt + sqrt(beta (1 - exp(-2B))) dw``. As ``t -> 0``,
+    ``sigma ~ B ~ beta_min t``, so ``log_snr ~ -2 log(beta_min t)`` reaches far beyond VP's
+    range at the clean end, where log-SNR grids would crowd the steps; uniform steps in ``t`` suit it.
     """
+
+    grid_kind = "uniform_time"
 
     beta_min: float = 0.1
     beta_max: float = 20.0
@@ -252,6 +261,8 @@ class VE(Process):
     ``t_min`` with that spread reproduces it exactly). Defaults: CIFAR-10 of score_sde.
     """
 
+    grid_kind = "noise_level"
+
     sigma_min: float = 0.01
     sigma_max: float = 50.0
     t_min: float = 1e-5
@@ -286,6 +297,8 @@ class EDM(Process):
     time discretization.
     """
 
+    grid_kind = "noise_level"
+
     sigma_data: float = 0.5
     t_min: float = 0.002
     t_max: float = 80.0
@@ -318,6 +331,8 @@ class Flow(Process):
     log-SNR grids finite, and samplers finish with a denoising step to ``t = 0``
     (for this process identical to an Euler step of the flow).
     """
+
+    grid_kind = "uniform_time"
 
     t_min: float = 1e-3
     t_max: float = 1.0
@@ -355,15 +370,18 @@ class DiscreteVP(Process):
     to the integer-step index ``n`` a DDPM network expects. The continuous SDE has the
     piecewise-constant ``beta(t) = -d log alpha_bar / dt``.
 
-    Build one with :meth:`linear`, :meth:`cosine` or :meth:`scaled_linear`.
+    Build one with :meth:`linear`, :meth:`cosine` or :meth:`scaled_linear`. ``grid_kind``
+    (static) is ``"uniform_time"`` for the cosine table, whose ``alpha_bar`` falls to almost 0
+    (Nichol & Dhariwal 2021 space its noise levels evenly in ``t``), else ``"diffusion"``.
     """
 
     log_alpha_bar: Array  # (N + 1,) knots at t = n / N, first entry 0.
     t_min: float = 1e-3
     t_max: float = 1.0
+    grid_kind: str = pytree.field(static=True, default="diffusion")
 
     @classmethod
-    def from_betas(cls, betas, t_min: float | None = None) -> DiscreteVP:
+    def from_betas(cls, betas, t_min: float | None = None, grid_kind: str = "diffusion") -> DiscreteVP:
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or betas.size < 2:
             raise ValueError(f"betas must be a 1-D table with at least 2 entries; got shape {betas.shape}.")
@@ -375,6 +393,7 @@ class DiscreteVP(Process):
             log_alpha_bar=jnp.asarray(log_abar, dtype=jnp.float32 if not jax.config.jax_enable_x64 else jnp.float64),
             t_min=1.0 / n if t_min is None else t_min,
             t_max=1.0,
+            grid_kind=grid_kind,
         )
 
     @classmethod
@@ -397,7 +416,7 @@ class DiscreteVP(Process):
             return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
 
         betas = [min(1 - abar((i + 1) / num_steps) / abar(i / num_steps), max_beta) for i in range(num_steps)]
-        return cls.from_betas(betas)
+        return cls.from_betas(betas, grid_kind="uniform_time")
 
     @property
     def num_steps(self) -> int:

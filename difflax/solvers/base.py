@@ -5,7 +5,8 @@ A solver is an immutable pytree (:func:`difflax.pytree.dataclass`) deriving from
 ``s_churn``, ...) are traced, so sweeping them under ``jit`` never recompiles. It declares
 
 * ``evals_per_step`` -- denoiser evaluations per step (static);
-* ``default_grid`` -- the grid :func:`difflax.sample` uses when none is given;
+* ``default_grid`` -- the solver's preferred grid, which :func:`difflax.sample` uses when none
+  is given, adapted to the process's kind of time (:func:`difflax.solvers.registry.default_grid`);
 * ``stochastic`` -- whether a step draws noise (then :func:`run` needs a key);
 
 and two pure functions,

@@ -183,6 +183,7 @@ class _DPMSolverPPMultistep(Solver):
 
     order: int
     lower_order_final: bool
+    default_grid = "trailing"  # on diffusion and noise-level processes: logsnr (registry.DEFAULT_GRIDS)
 
     def _d2_factor(self):
         return 2.0
@@ -270,4 +271,3 @@ class DPMSolverPP2MSDE(_DPMSolverPPMultistep):
     lower_order_final: bool = pytree.field(static=True, default=True)
     order = 2
     stochastic = True
-    default_grid = "karras"

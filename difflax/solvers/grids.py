@@ -55,8 +55,9 @@ def _trailing(process, n, **_):
 def _logsnr(process, n, **_):
     lam_lo, lam_hi = _log_snr_range(process)
     t = process.t_from_log_snr(jnp.linspace(lam_lo, lam_hi, n))
-    # Pin the ends to the exact range (the clip only matters for infinite log-SNR).
-    return t.at[0].set(process.t_max).at[-1].set(process.t_min)
+    # Pin the ends to the exact range (the clip only matters for infinite log-SNR); a grid of
+    # one time starts at t_max, as the sampler's x_T does.
+    return t.at[-1].set(process.t_min).at[0].set(process.t_max)
 
 
 def _karras(process, n, rho=7.0, sigma_min=None, sigma_max=None):
@@ -66,10 +67,10 @@ def _karras(process, n, rho=7.0, sigma_min=None, sigma_max=None):
     frac = jnp.linspace(0.0, 1.0, n)
     sigmas = (s_max ** (1 / rho) + frac * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
     t = process.t_from_log_snr(-2.0 * jnp.log(sigmas))
-    if sigma_max is None:
-        t = t.at[0].set(process.t_max)
     if sigma_min is None:
         t = t.at[-1].set(process.t_min)
+    if sigma_max is None:
+        t = t.at[0].set(process.t_max)
     return t
 
 

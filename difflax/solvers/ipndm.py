@@ -68,7 +68,7 @@ class IPNDM(Solver):
 
     order: int = pytree.field(static=True, default=4)
     variable_step: bool = pytree.field(static=True, default=False)
-    default_grid = "karras"
+    default_grid = "logsnr"
 
     def __post_init__(self):
         check_choice(self.order, (1, 2, 3, 4), "ipndm order")

@@ -12,7 +12,7 @@ from difflax.processes import check_t
 from difflax.solvers.adaptive import Adaptive
 from difflax.solvers.base import run
 from difflax.solvers.grids import make_grid
-from difflax.solvers.registry import resolve_grid, resolve_solver
+from difflax.solvers.registry import default_grid, resolve_grid, resolve_solver
 
 __all__ = ["sample", "sdedit"]
 
@@ -40,8 +40,9 @@ def sample(
         :class:`~difflax.solvers.inpainting.ReplaceKnown` included).
       steps: number of steps (static), including the final denoising step.
       grid: a grid name from :data:`difflax.solvers.GRIDS` (default: the solver's
-        ``default_grid``) or an array of decreasing times; an array ending in an exact 0
-        finishes with the denoising step.
+        ``default_grid``, adapted to the process by :func:`~difflax.solvers.registry.default_grid`)
+        or an array of decreasing times; an array ending in an exact 0 finishes with the
+        denoising step.
       key: PRNG key; required by stochastic solvers. Step ``i`` gets ``fold_in(key, i)``.
       return_trajectory: also return every intermediate ``x`` in ``info["trajectory"]``.
       final_zero: end with the denoising step ``D(x, t_min)`` (default ``True`` for named
@@ -78,13 +79,13 @@ def sdedit(
     differential equations"): noise ``x_init`` to ``t_start`` with the forward marginal,
     ``x = alpha(t_start) x_init + sigma(t_start) z``, and solve from ``t_start`` down to the
     data on a grid restricted to ``[t_min, t_start]`` (the named grid of ``process`` with
-    ``t_max = t_start``; default: the solver's), with ``steps`` steps. Small ``t_start``
-    stays faithful to ``x_init``, large ``t_start`` (the paper: ``t0`` in ``[0.3, 0.6]`` of
-    the VP range) gives realism. ``t_start`` may be traced. Returns :func:`sample`'s ``(x0, info)``.
+    ``t_max = t_start``; default: the solver's for ``process``), with ``steps`` steps. Small
+    ``t_start`` stays faithful to ``x_init``, large ``t_start`` (the paper: ``t0`` in
+    ``[0.3, 0.6]`` of the VP range) gives realism. ``t_start`` may be traced. Returns :func:`sample`'s ``(x0, info)``.
     """
     check_t(t_start, process.t_min, process.t_max, name="t_start")
     solver = resolve_solver(solver, solver_args)
-    grid = solver.default_grid if grid is None else grid
+    grid = default_grid(solver, process) if grid is None else grid
     if not isinstance(grid, str):
         raise ValueError(f"grid must be a grid name for sdedit (it is restricted to [t_min, t_start]); got {grid!r}.")
     x_init = jnp.asarray(x_init)

@@ -146,6 +146,7 @@ class UniPC(Solver):
     order: int = pytree.field(static=True, default=2)
     variant: str = pytree.field(static=True, default="bh2")
     lower_order_final: bool = pytree.field(static=True, default=True)
+    default_grid = "trailing"  # on diffusion and noise-level processes: logsnr (registry.DEFAULT_GRIDS)
 
     def __post_init__(self):
         check_choice(self.order, (1, 2, 3), "unipc order")
