@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -103,10 +104,8 @@ class WorkdirLock:
                 if why is None:
                     return self._busy_message()
                 log.warning("taking over the stale lock %s (%s).", self.path, why)
-                try:
+                with contextlib.suppress(FileNotFoundError):  # another job may have removed it first
                     os.remove(self.path)
-                except FileNotFoundError:
-                    pass
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(self._owner(), f)
