@@ -19,7 +19,7 @@
    same load), after a warm-up run (compiling excluded). The table gives the ratio
    diffusers / difflax per solver and shape.
 2. The loop around a real network. For the digits U-Net (:class:`difflax.models.UNet` of
-   ``configs/digits.py``, 8x8x1) and a DiT-S-like DiT (DiT-S/2 width and heads, ``--dit-depth``
+   ``difflax/configs/digits.py``, 8x8x1) and a DiT-S-like DiT (DiT-S/2 width and heads, ``--dit-depth``
    blocks, 8x8x1), both eps networks on the same process with parameters passed as arguments:
    the CPU time of the jitted ``difflax.sample`` (``--network-steps`` steps, the solver's
    default grid) against ``N_fe`` back-to-back calls of the jitted network alone; median of the

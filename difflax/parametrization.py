@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from difflax.checks import check_choice
-from difflax.processes import Process, broadcast_to
+from difflax.processes import Process, broadcast_to, once_per_batch
 
 Array = jax.Array
 Denoiser = Callable[[Array, Array], Array]
@@ -156,12 +156,16 @@ def preconditioning(kind: str, sigma, sigma_data=0.5, *, beta_d=19.9, beta_min=0
 
 
 def _coefficients(process: Process, t, x_t, derivatives: bool):
-    """``(alpha, sigma, d_alpha, d_sigma)`` at ``t`` broadcast against ``x_t``; the derivatives only if asked."""
-    alpha, sigma = (broadcast_to(c, x_t) for c in process.alpha_sigma(t))
-    if not derivatives:
-        return alpha, sigma, None, None
-    d_alpha, d_sigma = (broadcast_to(d, x_t) for d in process.alpha_sigma_derivatives(t))
-    return alpha, sigma, d_alpha, d_sigma
+    """``(alpha, sigma, d_alpha, d_sigma)`` at ``t`` broadcast against ``x_t``; the derivatives only if asked.
+
+    Computed once for a time shared by the batch (:func:`difflax.processes.once_per_batch`).
+    """
+
+    def at(t):
+        return (*process.alpha_sigma(t), *(process.alpha_sigma_derivatives(t) if derivatives else ()))
+
+    coefs = [broadcast_to(c, x_t) for c in once_per_batch(at, t)]
+    return (*coefs, None, None) if not derivatives else tuple(coefs)
 
 
 def as_denoiser(
@@ -180,9 +184,12 @@ def as_denoiser(
     if prediction == "edm":
         sd = sigma_data if sigma_data is not None else getattr(process, "sigma_data", 0.5)
 
-        def denoise_edm(x_t, t):
+        def scaling(t):
             alpha, sigma = process.alpha_sigma(t)
-            c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma / alpha, sd)
+            return alpha, *edm_preconditioning(sigma / alpha, sd)
+
+        def denoise_edm(x_t, t):
+            alpha, c_skip, c_out, c_in, c_noise = once_per_batch(scaling, t)
             x_scaled = x_t / broadcast_to(alpha, x_t)
             out = apply_fn(broadcast_to(c_in, x_t) * x_scaled, c_noise)
             return broadcast_to(c_skip, x_t) * x_scaled + broadcast_to(c_out, x_t) * out

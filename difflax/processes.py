@@ -29,6 +29,7 @@ import numpy as np
 
 from difflax import pytree
 from difflax.checks import check_in_range, concrete_float
+from difflax.interpolation import interp_sorted, interp_uniform
 
 Array = jax.Array
 
@@ -44,6 +45,7 @@ __all__ = [
     "broadcast_to",
     "check_t",
     "get_process",
+    "once_per_batch",
 ]
 
 
@@ -64,6 +66,26 @@ def broadcast_to(coef: Array, x: Array) -> Array:
             "t must be a scalar or have shape (batch,) matching x."
         )
     return coef.reshape(coef.shape + (1,) * (x.ndim - coef.ndim))
+
+
+def once_per_batch(fn, t):
+    """``fn(t)`` for a time ``t`` of shape ``()`` or ``(batch,)``: computed once, on ``t[0]``, and broadcast
+    when every entry is the same time, else per example.
+
+    A sampler hands the denoiser one time for the whole batch, broadcast to ``(batch,)``; the
+    coefficients of that time (for :class:`DiscreteVP` a table search) need no work per example.
+    Which branch runs is decided at run time (``lax.cond`` on ``all(t == t[0])``), so a batch of
+    different times (a training loss) stays exact; under ``vmap`` both branches run. ``fn`` returns
+    a pytree of arrays broadcastable to ``t``'s shape; the result has that shape.
+    """
+    t = jnp.asarray(t)
+
+    def full(out):
+        return jax.tree.map(lambda c: jnp.broadcast_to(c, t.shape), out)
+
+    if t.ndim == 0 or t.shape[0] == 1:
+        return full(fn(t))
+    return jax.lax.cond(jnp.all(t == t[0]), lambda: full(fn(t[0])), lambda: full(fn(t)))
 
 
 def check_t(t, lo: float, hi: float, name: str = "t", what: str = "process") -> None:
@@ -132,38 +154,6 @@ class Process:
     def prior_std(self):
         """Standard deviation of :meth:`prior_sample`."""
         return self.sigma(jnp.asarray(self.t_max))
-
-
-def _interp_uniform(t, knots, table):
-    """``jnp.interp(t, knots, table)`` on the uniform knots ``knots[n] = n / N``, ``n = 0 .. N``, in constant time.
-
-    The segment ``i`` with ``knots[i] <= t < knots[i+1]`` is ``floor(N t)`` (clipped to
-    ``0 .. N - 1``), moved by one where rounding puts ``N t`` on the other side of a knot, and
-    ``f(t) = table[i] + (t - knots[i]) / (knots[i+1] - knots[i]) (table[i+1] - table[i])``, with
-    ``table[0]`` / ``table[N]`` beyond ``[0, 1]``: the formula of ``jnp.interp``, so the same
-    values, without its binary search, which compiles to a loop over every element.
-    """
-    n = table.shape[0] - 1
-    i = jnp.clip(jnp.floor(t * n).astype(jnp.int32), 0, n - 1)
-    i = jnp.clip(i + (t >= knots[i + 1]) - (t < knots[i]), 0, n - 1)
-    lo = knots[i]
-    f = table[i] + ((t - lo) / (knots[i + 1] - lo)) * (table[i + 1] - table[i])
-    return jnp.where(t < knots[0], table[0], jnp.where(t > knots[n], table[n], f))
-
-
-def _interp_sorted(x, xp, fp):
-    """``jnp.interp(x, xp, fp)`` for increasing knots ``xp``, with an unrolled binary search.
-
-    ``f(x) = fp[i-1] + (x - xp[i-1]) / (xp[i] - xp[i-1]) (fp[i] - fp[i-1])`` with ``i`` the
-    insertion index of ``x`` (clipped to ``1 .. len(xp) - 1``), and ``fp[0]`` / ``fp[-1]`` outside
-    ``[xp[0], xp[-1]]`` (``fp[i-1]`` on a segment of zero width, as ``jnp.interp``):
-    ``ceil(log2(len(xp)))`` gathers per element instead of a loop.
-    """
-    i = jnp.clip(jnp.searchsorted(xp, x, side="right", method="scan_unrolled"), 1, xp.shape[0] - 1)
-    lo, dx = xp[i - 1], xp[i] - xp[i - 1]
-    wide = dx > 0
-    f = fp[i - 1] + jnp.where(wide, (x - lo) / jnp.where(wide, dx, 1), 0) * (fp[i] - fp[i - 1])
-    return jnp.where(x < xp[0], fp[0], jnp.where(x > xp[-1], fp[-1], f))
 
 
 def _vp_quadratic_time(big_b, beta_min, beta_max):
@@ -412,6 +402,7 @@ class DiscreteVP(Process):
 
         Betas are clipped at ``max_beta`` as in the paper.
         """
+
         def abar(u):
             return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
 
@@ -437,7 +428,7 @@ class DiscreteVP(Process):
 
     def log_alpha_bar_at(self, t):
         t = jnp.asarray(t, dtype=jnp.result_type(t, float))
-        return _interp_uniform(t, self._knots().astype(t.dtype), self.log_alpha_bar.astype(t.dtype))
+        return interp_uniform(t, self._knots().astype(t.dtype), self.log_alpha_bar.astype(t.dtype))
 
     def alpha(self, t):
         check_t(t, 0.0, 1.0, what="DiscreteVP process (t = (n + 1) / N)")
@@ -455,7 +446,7 @@ class DiscreteVP(Process):
         log_snr = jnp.asarray(log_snr, dtype=jnp.result_type(log_snr, float))
         la = -jax.nn.softplus(-log_snr)  # log alpha_bar = log sigmoid(l)
         # log_alpha_bar decreases in t: interpolate on the reversed table.
-        return _interp_sorted(la, self.log_alpha_bar[::-1].astype(la.dtype), self._knots()[::-1].astype(la.dtype))
+        return interp_sorted(la, self.log_alpha_bar[::-1].astype(la.dtype), self._knots()[::-1].astype(la.dtype))
 
     def timestep(self, t):
         """Continuous ``t`` to the (fractional) DDPM step index ``n = N t - 1``."""

@@ -22,7 +22,6 @@ structure (the DDPM tables); the whole file runs in 64-bit floats, as the flow i
 
 import functools
 import itertools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -58,12 +57,6 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 # A reverse-SDE step from t_max = 1 of the flow interpolant is singular: Euler-Maruyama's drift
 # -1 / (1 - t) divides by alpha(1) = 0.
 SINGULAR_AT_T_MAX = {("flow", "euler_maruyama")}
-# A solver bug no grid can avoid: the sweep checks that it is still there.
-KNOWN_FAILURES = {
-    ("flow", "edm"): "EDMStochastic._churn at t = 1 (alpha = 0), even without churn (gamma = 0): x is rescaled by "
-                     "alpha_hat / alpha = 0 / 0 and gets level * sqrt(gamma (2 + gamma)) = inf * 0 of noise, "
-                     "so every grid from t_max = 1 gives NaN",
-}
 # One test per group of processes that share programs (the DDPM tables), so that a test's programs and
 # references are built once, on one worker.
 GROUPS = {"vp": ("vp",), "subvp": ("subvp",), "ve": ("ve",), "edm": ("edm",), "flow": ("flow",),
@@ -130,9 +123,6 @@ def _check_defaults(process_names, solvers, measure, bound):
             continue
         values = measure(process_name, solver)
         name = default_grid(get_solver(solver), PROCESSES[process_name]())
-        if (process_name, solver) in KNOWN_FAILURES:
-            assert not math.isfinite(values[name]), f"{process_name}/{solver} works now: drop it from KNOWN_FAILURES"
-            continue
         limit = bound(process_name, solver, values)
         if not values[name] <= limit:  # NaN fails too
             table = ", ".join(f"{g} {v:.4f}" for g, v in values.items())

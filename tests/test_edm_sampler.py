@@ -66,3 +66,15 @@ def test_edm_without_churn_is_heun_exactly_and_churn_final_is_an_option(x64):
     without = run(difflax.solvers.EDMStochastic(s_churn=10.0, churn_final=False))
     np.testing.assert_array_equal(np.asarray(with_final[:-1]), np.asarray(without[:-1]))
     assert float(jnp.max(jnp.abs(with_final[-1] - without[-1]))) > 1e-4
+
+
+def test_no_churn_is_heun_exactly_even_where_alpha_is_zero():
+    # Flow's alpha(t_max = 1) = 0: without churn the step must not rescale x by alpha_hat / alpha = 0 / 0.
+    process = difflax.Flow()
+    denoise = GM.denoiser(process)
+    x_T = process.prior_sample(jax.random.key(0), (8, 2))
+    key = jax.random.key(1)
+    x_edm, _ = difflax.sample(denoise, process, x_T, solver="edm", steps=6, grid="uniform", key=key)
+    x_heun, _ = difflax.sample(denoise, process, x_T, solver="heun", steps=6, grid="uniform")
+    assert bool(jnp.all(jnp.isfinite(x_edm)))
+    np.testing.assert_array_equal(x_edm, x_heun)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from scipy.integrate import solve_ivp
 
 from difflax import VP, DiscreteVP, Flow
-from difflax.processes import PROCESSES
+from difflax.processes import PROCESSES, once_per_batch
 
 FACTORIES = PROCESSES
 NAMES = list(FACTORIES)
@@ -240,3 +240,20 @@ def test_errors_name_the_argument():
         DiscreteVP.from_betas([0.1, 1.2])
     # Traced t is not checked (no cost inside jit), concrete in-range t passes.
     jax.jit(DiscreteVP.linear().alpha)(0.5)
+
+
+def test_once_per_batch_computes_a_shared_time_once():
+    p = DiscreteVP.linear()
+
+    def coefficients(t):
+        return p.alpha(t), p.t_from_log_snr(p.log_snr(t))
+
+    def evaluations(t):  # how many entries fn saw: 1 where the time was computed once
+        return jnp.full(jnp.shape(t), jnp.size(t), jnp.int32)
+
+    once = jax.jit(lambda t: (once_per_batch(coefficients, t), once_per_batch(evaluations, t)))
+    for t, seen in [(jnp.full((5,), 0.3), 1), (jnp.linspace(0.1, 0.9, 5), 5), (jnp.asarray(0.3), 1)]:
+        got, count = once(t)
+        for g, w in zip(got, coefficients(t), strict=True):
+            np.testing.assert_array_equal(g, jnp.broadcast_to(w, t.shape))
+        np.testing.assert_array_equal(count, np.full(t.shape, seen))

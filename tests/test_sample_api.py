@@ -200,3 +200,15 @@ def test_errors_name_the_argument(key):
     with pytest.raises(ValueError, match="denoise must return"):
         difflax.sample(lambda x, t: x[:, :1], p, x, solver="ddim")
     assert {"ddpm", "ddim", "euler", "heun", "edm"} <= set(SOLVERS)
+
+
+@pytest.mark.parametrize("name", sorted(set(SOLVERS) - {"adaptive"}))
+def test_step_keeps_the_dtype_of_x(x64, name):
+    p = difflax.VP()
+    solver = get_solver(name)
+    for x_dtype, t_dtype in [(jnp.float32, jnp.float64), (jnp.float64, jnp.float32)]:
+        x = jnp.linspace(-1.0, 1.0, 6, dtype=x_dtype).reshape(3, 2)
+        ts = jnp.asarray([0.8, 0.5], t_dtype)
+        step = Step(ts[0], ts[1], jnp.int32(1), 4, jax.random.key(0))
+        out, _ = solver.step(lambda x, t: 0.5 * x, p, x, solver.init(p, x), step)
+        assert out.dtype == x_dtype, f"{name}: x {x.dtype.name}, t {ts.dtype.name} gave {out.dtype.name}"

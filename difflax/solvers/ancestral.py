@@ -49,10 +49,10 @@ class DDIM(Solver):
         s, c = coefficients(process, step.t), coefficients(process, step.t_next)
         x0 = call(denoise, x, step.t)
         if step.key is None:  # eta is a concrete 0 (run checks the key)
-            return ddim_step(x0, eps_from_x0(x, x0, s), c), state
+            return ddim_step(x0, eps_from_x0(x, x0, s), c).astype(x.dtype), state
         std = self.eta * posterior_std(s, c)
         out = ddim_step(x0, eps_from_x0(x, x0, s), c, std)
-        return out + std * jax.random.normal(step.key, x.shape, x.dtype), state
+        return (out + std * jax.random.normal(step.key, x.shape, x.dtype)).astype(x.dtype), state
 
 
 @pytree.dataclass
@@ -71,4 +71,4 @@ class DDPM(Solver):
         x0 = call(denoise, x, step.t)
         mean = posterior_mean(x0, eps_from_x0(x, x0, s), s, c)
         std = posterior_std(s, c) if self.variance == "beta_tilde" else forward_std(s, c)
-        return mean + std * jax.random.normal(step.key, mean.shape, mean.dtype), state
+        return (mean + std * jax.random.normal(step.key, x.shape, x.dtype)).astype(x.dtype), state

@@ -13,13 +13,18 @@ and two pure functions,
 
 * ``init(process, x_T) -> state`` -- its own typed state (multistep history), ``()`` if none;
 * ``step(denoise, process, x, state, step: Step) -> (x, state)`` -- one step from ``step.t``
-  to ``step.t_next``.
+  to ``step.t_next``;
+
+and inherits ``advance``, what the loop calls: ``step``, or the final denoising step.
 
 The solver computes; :func:`run` counts. It scans over the grid, hands each step its
 interval, its grid position, and its own PRNG key ``fold_in(key, move)``, and returns
 ``info["nfe"] = evals_per_step * steps`` plus one for the final denoising step
-``x0 = D(x, t_min)`` (``Solver.final``, handed the last interval, to 0, and its own key)
-when the grid ends in an exact zero. A grid may also move *up* in time (RePaint's jumps,
+``x0 = D(x, t_min)`` when the grid ends in an exact zero. That step is the scan's last
+iteration (``Step.final``), so the compiled program holds the network once per place a step
+evaluates it, not once more for the final step: :meth:`Solver.advance` makes it the step's
+own first evaluation (Karras et al. 2022, algorithm 1: the last step to ``sigma = 0`` is the
+denoiser's output). A grid may also move *up* in time (RePaint's jumps,
 :func:`difflax.solvers.inpainting.repaint_moves`): such a move re-noises the sample with the
 forward transition ``q(x_{t_next} | x_t)`` and restarts the solver's state, at no evaluation.
 """
@@ -39,7 +44,7 @@ from difflax.transitions import coefficients, forward_std
 
 Array = jax.Array
 
-__all__ = ["Solver", "Step", "Wrapper", "call", "run", "time_vector"]
+__all__ = ["Solver", "Step", "Wrapper", "call", "run", "separate_final", "time_vector"]
 
 
 class Step(NamedTuple):
@@ -52,6 +57,10 @@ class Step(NamedTuple):
       num_steps: intervals of the whole grid, the final denoising step included (an int,
         or an int32 scalar where one program serves several step counts).
       key: this step's PRNG key, or ``None`` when the sampler runs without one.
+      final: whether this is the final denoising step (a bool scalar, traced in the loop; ``False``
+        where the loop has none). On the final step ``t_next`` is ``t``: the step's own result is
+        replaced by ``x0 = D(x, t)`` (:meth:`Solver.advance`), and a zero-length step keeps the
+        discarded branch finite, so no NaN reaches a gradient through ``jnp.where``.
     """
 
     t: Array
@@ -59,6 +68,7 @@ class Step(NamedTuple):
     index: Array
     num_steps: int
     key: Array | None
+    final: Array | bool = False
 
 
 class Solver(abc.ABC):
@@ -76,10 +86,30 @@ class Solver(abc.ABC):
     def step(self, denoise: Callable, process, x: Array, state, step: Step) -> tuple[Array, Any]:
         """One step from ``step.t`` to ``step.t_next``: ``(x_next, state_next)``."""
 
-    def final(self, denoise: Callable, process, x: Array, state, step: Step) -> Array:
-        """The final denoising step ``x0 = D(x, step.t)`` from the last positive time to ``step.t_next = 0``:
-        the limit of every solver's step to ``sigma = 0``. One evaluation."""
-        return call(denoise, x, step.t)
+    def advance(self, denoise: Callable, process, x: Array, state, step: Step) -> tuple[Array, Any]:
+        """What the loop calls: :meth:`step`, or on the final step (``step.final``) ``x0 = D(x, step.t)``.
+
+        The final denoising step is the step's own first evaluation, ``D(x, t)`` (the limit of every
+        solver's step to ``sigma = 0``), so no other copy of the network is needed; the step's later
+        evaluations are skipped there (``lax.cond``) and its result is dropped. A solver whose
+        first evaluation is elsewhere, or inside a nested loop or transform, overrides this method
+        (e.g. with :func:`separate_final`).
+        """
+        if step.final is False:
+            return self.step(denoise, process, x, state, step)
+        first = []
+
+        def evaluate(x_in, t_in):
+            if not first:
+                first.append(denoise(x_in, t_in))
+                return first[0]
+            out = jax.eval_shape(denoise, x_in, t_in)
+            return jax.lax.cond(step.final, lambda: jnp.zeros(out.shape, out.dtype), lambda: denoise(x_in, t_in))
+
+        x_next, state = self.step(evaluate, process, x, state, step)
+        if not first:
+            raise ValueError(f"{type(self).__name__}.step evaluates no denoiser; it needs its own advance().")
+        return jnp.where(step.final, first[0].astype(x.dtype), x_next), state
 
 
 class Wrapper(Solver):
@@ -106,9 +136,6 @@ class Wrapper(Solver):
     def init(self, process, x):
         return self.inner.init(process, x)
 
-    def final(self, denoise, process, x, state, step: Step):
-        return self.inner.final(denoise, process, x, state, step)
-
 
 def time_vector(t, x):
     """The denoiser's ``t`` argument: the scalar time broadcast to the batch, ``(batch,)``."""
@@ -121,6 +148,21 @@ def call(denoise: Callable, x: Array, t) -> Array:
     if out.shape != x.shape:
         raise ValueError(f"denoise must return an array of the shape of x {x.shape}; got {out.shape}.")
     return out
+
+
+def separate_final(solver: Solver, denoise: Callable, process, x: Array, state, step: Step) -> tuple[Array, Any]:
+    """:meth:`Solver.advance` for a solver whose steps evaluate inside their own loops: the final
+    denoising step ``D(x, step.t)`` as a separate branch (``lax.cond``), one more copy of the network."""
+    if step.final is False:
+        return solver.step(denoise, process, x, state, step)
+
+    def final(x, state):
+        return call(denoise, x, step.t).astype(x.dtype), state
+
+    def move(x, state):
+        return solver.step(denoise, process, x, state, step)
+
+    return jax.lax.cond(step.final, final, move, x, state)
 
 
 def _renoise(process, x, t, t_next, key):
@@ -158,13 +200,17 @@ def run(
         if key is None:
             what = "is stochastic with these settings" if solver.stochastic else "jumps up in time"
             raise ValueError(f"the sampler {what}; pass key=jax.random.key(...).")
+    last = positive.shape[0] - 1
+    # The final denoising step is the last move, from the last positive time to ts[-1] = 0 (see Step.final).
+    scan_moves = np.concatenate([moves, [[last, last + 1]]]) if final_zero else moves
 
     def down(x, state, i, j, k):
-        step = Step(positive[i], positive[j], i, num_steps, k)
-        return solver.step(denoise, process, x, state, step)
+        final = (j > last) if final_zero else False
+        step = Step(ts[i], ts[jnp.where(final, i, j)], i, num_steps, k, final)
+        return solver.advance(denoise, process, x, state, step)
 
     def up(x, state, i, j, k):
-        x = _renoise(process, x, positive[i], positive[j], k)
+        x = _renoise(process, x, ts[i], ts[j], k)
         return x, solver.init(process, x)
 
     def body(carry, move):
@@ -177,18 +223,12 @@ def run(
             x, state = down(x, state, i, j, k)
         return (x, state), (x if return_trajectory else None)
 
-    scan_moves = jnp.asarray(np.concatenate([np.arange(len(moves), dtype=np.int32)[:, None], moves], axis=1))
-    state = solver.init(process, x_T)
-    (x, state), traj = jax.lax.scan(body, (x_T, state), scan_moves)
-    nfe = solver.evals_per_step * int((~ups).sum())
-    if final_zero:
-        k = None if key is None else jax.random.fold_in(key, len(moves))
-        last = Step(positive[-1], ts[-1], jnp.int32(positive.shape[0] - 1), num_steps, k)
-        x = solver.final(denoise, process, x, state, last)
-        nfe += 1
+    numbered = np.concatenate([np.arange(len(scan_moves), dtype=np.int32)[:, None], scan_moves], axis=1)
+    (x, _), traj = jax.lax.scan(body, (x_T, solver.init(process, x_T)), jnp.asarray(numbered))
+    nfe = solver.evals_per_step * int((~ups).sum()) + int(final_zero)
     info = {"nfe": jnp.asarray(nfe, jnp.int32), "steps": num_steps, "ts": ts}
     if return_trajectory:
-        info["trajectory"] = jnp.concatenate([x_T[None], traj, x[None]] if final_zero else [x_T[None], traj])
+        info["trajectory"] = jnp.concatenate([x_T[None], traj])
     if ups.any():
         info["moves"] = moves
     return x, info

@@ -8,7 +8,7 @@ Each step evaluates ``x0_hat = D(x_i, t_i)`` and, by reverse mode through the de
     x_{i-1} = x'_{i-1} - zeta_i grad_{x_i} ||y - A(x0_hat(x_i))||^2,
     zeta_i = zeta / ||y - A(x0_hat(x_i))||          (per example; the paper's step size),
 
-ending with the denoising step ``D(x, t_min)``. ``A`` is any differentiable function (or a
+ending with the denoising step ``D(x, t_min)`` (no correction). ``A`` is any differentiable function (or a
 :class:`difflax.guidance.LinearOperator`); it need not be linear. The wrapped solver must
 evaluate the denoiser once per step at the current point (DDPM, the paper's, DDIM or Euler):
 its evaluation and the gradient share one forward pass. DPS is an approximation
@@ -66,8 +66,12 @@ class DPS(Wrapper):
         (_, (x0, r)), grad = jax.value_and_grad(sq_residual, has_aux=True)(x)
         norm = jnp.sqrt(jnp.sum(r**2, axis=tuple(range(1, r.ndim))))
         step_size = broadcast_to(self.zeta / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny), grad)
-        x, state = self.inner.step(lambda *_: x0, process, x, state, step)
-        return x - step_size * grad, state
+        x, state = self.inner.advance(lambda *_: x0, process, x, state, step)
+        return jnp.where(step.final, x, x - step_size * grad), state
+
+    def advance(self, denoise, process, x, state, step: Step):
+        """:meth:`step`: its evaluation ``x0_hat`` is also the final denoising step's (uncorrected)."""
+        return self.step(denoise, process, x, state, step)
 
 
 def dps_sample(

@@ -24,11 +24,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from difflax.processes import EDM, broadcast_to
+from difflax.processes import EDM, broadcast_to, once_per_batch
 from difflax.solvers.grids import LOG_SNR_CLIP
 
 __all__ = ["edm_sigma", "to_edm"]
-
 
 
 def edm_sigma(process, t):
@@ -44,10 +43,13 @@ def to_edm(denoise: Callable, process, sigma_data: float | None = None) -> tuple
     +-30 where it is infinite); ``sigma_data`` defaults to the process's own, else 0.5.
     """
 
+    def time_and_alpha(s):
+        t = process.t_from_log_snr(-2.0 * jnp.log(s))
+        return t, process.alpha(t)
+
     def denoise_edm(y, s):
         s = jnp.asarray(s, dtype=jnp.result_type(s, y.dtype))
-        t = process.t_from_log_snr(-2.0 * jnp.log(s))
-        alpha = process.alpha(t)
+        t, alpha = once_per_batch(time_and_alpha, s)  # a sampler's s is one level for the whole batch
         return denoise(broadcast_to(alpha, y) * y, t)
 
     def level(t):

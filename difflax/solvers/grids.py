@@ -82,7 +82,11 @@ GRIDS = {"uniform": _uniform, "trailing": _trailing, "logsnr": _logsnr, "karras"
 
 
 def make_grid(name: str, process, steps: int, *, final_zero: bool = True, **kwargs) -> jax.Array:
-    """The named grid with ``steps`` intervals: an array of ``steps + 1`` decreasing times."""
+    """The named grid with ``steps`` intervals: an array of ``steps + 1`` decreasing times.
+
+    Where the process is concrete (not a traced argument) the grid is computed when traced, a
+    constant of a jitted sampler: no operations for XLA to compile or fold.
+    """
     if name not in GRIDS:
         raise ValueError(f"Unknown grid {name!r}; expected one of {', '.join(map(repr, GRIDS))} or an array of times.")
     check_positive_int(steps, "steps")
@@ -91,9 +95,10 @@ def make_grid(name: str, process, steps: int, *, final_zero: bool = True, **kwar
     if name != "karras" and kwargs:
         raise ValueError(f"grid {name!r} takes no options; got {sorted(kwargs)}.")
     positive = steps if final_zero else steps + 1
-    t = GRIDS[name](process, positive, **kwargs)
-    if final_zero:
-        t = jnp.concatenate([t, jnp.zeros((1,), t.dtype)])
+    with jax.ensure_compile_time_eval():
+        t = GRIDS[name](process, positive, **kwargs)
+        if final_zero:
+            t = jnp.concatenate([t, jnp.zeros((1,), t.dtype)])
     return t
 
 

@@ -47,14 +47,21 @@ class ReplaceKnown(Wrapper):
     stochastic = True
 
     def step(self, denoise, process, x, state, step: Step):
+        return self._replace_known(self.inner.step, denoise, process, x, state, step)
+
+    def advance(self, denoise, process, x, state, step: Step):
+        """The inner solver's move, then the replacement; on the final step ``known`` itself."""
+        return self._replace_known(self.inner.advance, denoise, process, x, state, step)
+
+    def _replace_known(self, move, denoise, process, x, state, step: Step):
         inner_key, known_key = jax.random.split(step.key)
-        x, state = self.inner.step(denoise, process, x, state, step._replace(key=inner_key))
+        if step.final is not False:  # the final step's inner key is the step's own
+            inner_key = jnp.where(step.final, step.key, inner_key)
+        x, state = move(denoise, process, x, state, step._replace(key=inner_key))
         alpha, sigma = process.alpha_sigma(step.t_next)
         noisy_known = alpha * self.known + sigma * jax.random.normal(known_key, x.shape, x.dtype)
-        return jnp.where(self.mask, noisy_known.astype(x.dtype), x), state
-
-    def final(self, denoise, process, x, state, step: Step):
-        return jnp.where(self.mask, self.known.astype(x.dtype), self.inner.final(denoise, process, x, state, step))
+        known = jnp.where(step.final, self.known, noisy_known).astype(x.dtype)
+        return jnp.where(self.mask, known, x), state
 
 
 def repaint_moves(num_steps: int, jump_length: int, resample: int) -> list[tuple[int, int]]:

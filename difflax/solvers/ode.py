@@ -44,7 +44,7 @@ def heun_step(denoise, process, x, t, t_next):
     d = velocity(denoise, process, x, t)
     x_euler = x + (t_next - t) * d
     d_next = velocity(denoise, process, x_euler, t_next)
-    return x + 0.5 * (t_next - t) * (d + d_next)
+    return (x + 0.5 * (t_next - t) * (d + d_next)).astype(x.dtype)
 
 
 @pytree.dataclass
@@ -54,7 +54,7 @@ class Euler(Solver):
     default_grid = "karras"
 
     def step(self, denoise, process, x, state, step: Step):
-        return x + (step.t_next - step.t) * velocity(denoise, process, x, step.t), state
+        return (x + (step.t_next - step.t) * velocity(denoise, process, x, step.t)).astype(x.dtype), state
 
 
 @pytree.dataclass
@@ -73,7 +73,8 @@ class EDMStochastic(Solver):
     """Karras et al. 2022, algorithm 2 (defaults: their ImageNet-64 settings are 40/0.05/50/1.003).
 
     ``s_churn``, ``s_tmin``, ``s_tmax`` and ``s_noise`` are traced. ``churn_final`` (static,
-    default ``True`` as in Algorithm 2) also churns before the final denoising step;
+    default ``True`` as in Algorithm 2) also churns before the final denoising step, which is
+    then the step's first evaluation ``D(x_hat, t_hat)`` (:meth:`Solver.advance`);
     ``False`` denoises from ``sigma_min`` directly, as difflax did before.
     """
 
@@ -87,23 +88,24 @@ class EDMStochastic(Solver):
     stochastic = True
 
     def _churn(self, process, x, step: Step):
-        """``(x_hat, t_hat)``: ``x`` raised from ``sigma`` to ``sigma (1 + gamma)`` in the scaled coordinates."""
+        """``(x_hat, t_hat)``: ``x`` raised from ``sigma`` to ``sigma (1 + gamma)`` in the scaled coordinates;
+        exactly ``(x, t)`` where ``gamma = 0`` (no churn, or ``churn_final=False`` on the final step)."""
         alpha, sigma = process.alpha_sigma(step.t)
         level = sigma / alpha
-        in_range = (level >= self.s_tmin) & (level <= self.s_tmax)
-        gamma = jnp.where(in_range, jnp.minimum(self.s_churn / step.num_steps, jnp.sqrt(2.0) - 1.0), 0.0)
-        t_hat = jnp.where(gamma > 0, process.t_from_log_snr(-2.0 * jnp.log(level * (1.0 + gamma))), step.t)
+        churn = (level >= self.s_tmin) & (level <= self.s_tmax)
+        if not self.churn_final:
+            churn = churn & jnp.logical_not(step.final)
+        gamma = jnp.where(churn, jnp.minimum(self.s_churn / step.num_steps, jnp.sqrt(2.0) - 1.0), 0.0)
+        raised = gamma > 0
+        # Where gamma = 0 the churned branch is never taken; keep it finite (alpha = 0 at the Flow's t = 1).
+        safe_level = jnp.where(raised, level, 1.0)
+        t_hat = jnp.where(raised, process.t_from_log_snr(-2.0 * jnp.log(safe_level * (1.0 + gamma))), step.t)
         alpha_hat = process.alpha(t_hat)
         z = jax.random.normal(step.key, x.shape, x.dtype)
-        noise = level * jnp.sqrt(gamma * (2.0 + gamma)) * self.s_noise * z
-        return ((alpha_hat / alpha) * x + alpha_hat * noise).astype(x.dtype), t_hat
+        noise = safe_level * jnp.sqrt(gamma * (2.0 + gamma)) * self.s_noise * z
+        x_hat = ((alpha_hat / jnp.where(raised, alpha, 1.0)) * x + alpha_hat * noise).astype(x.dtype)
+        return jnp.where(raised, x_hat, x), t_hat
 
     def step(self, denoise, process, x, state, step: Step):
         x_hat, t_hat = self._churn(process, x, step)
         return heun_step(denoise, process, x_hat, t_hat, step.t_next), state
-
-    def final(self, denoise, process, x, state, step: Step):
-        if not self.churn_final:
-            return call(denoise, x, step.t)
-        x_hat, t_hat = self._churn(process, x, step)
-        return call(denoise, x_hat, t_hat)

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 
 from difflax import pytree
 from difflax.checks import check_choice, check_nonnegative_int, check_positive_int
-from difflax.solvers.base import Solver, Step, call
+from difflax.solvers.base import Solver, Step, call, separate_final
 from difflax.transitions import coefficients, forward_std
 
 __all__ = ["ALD", "PC", "EulerMaruyama", "score_from_x0"]
@@ -88,7 +88,7 @@ def _em_step(denoise, process, x, t, t_next, key):
     f, g = process.sde_coefficients(t)
     dt = t_next - t  # negative
     z = jax.random.normal(key, x.shape, x.dtype)
-    return x + (f * x - g**2 * score) * dt + g * jnp.sqrt(-dt) * z
+    return (x + (f * x - g**2 * score) * dt + g * jnp.sqrt(-dt) * z).astype(x.dtype)
 
 
 @pytree.dataclass
@@ -144,7 +144,7 @@ class PC(Solver):
                 grad_norm, noise_norm = jnp.mean(grad_norm), jnp.mean(noise_norm)
             grad_norm = jnp.maximum(grad_norm, jnp.finfo(score.dtype).tiny)
             step_size = 2.0 * a * (self.snr * noise_norm / grad_norm) ** 2
-            return x + step_size * score + jnp.sqrt(2.0 * step_size) * z
+            return (x + step_size * score + jnp.sqrt(2.0 * step_size) * z).astype(x.dtype)
 
         return jax.lax.fori_loop(0, self.corrector_steps, body, x)
 
@@ -154,7 +154,7 @@ class PC(Solver):
         a = s.alpha / c.alpha
         b = forward_std(s, c)  # b^2 = sigma_t^2 - a^2 sigma_next^2, without cancellation
         z = jax.random.normal(key, x.shape, x.dtype)
-        return x - (a - 1.0) * x + b**2 * score + b * z
+        return (x - (a - 1.0) * x + b**2 * score + b * z).astype(x.dtype)
 
     def step(self, denoise, process, x, state, step: Step):
         corrector_key, predictor_key = jax.random.split(step.key)
@@ -165,6 +165,10 @@ class PC(Solver):
         elif self.predictor == "euler_maruyama":
             x = _em_step(denoise, process, x, step.t, step.t_next, predictor_key)
         return x, state
+
+    def advance(self, denoise, process, x, state, step: Step):
+        """The corrector evaluates inside its loop: the final denoising step is a branch of its own."""
+        return separate_final(self, denoise, process, x, state, step)
 
 
 @pytree.dataclass
@@ -208,12 +212,16 @@ class ALD(Solver):
         t_last = jnp.asarray(process.t_min, jnp.result_type(t_next))
         level_last = process.sigma(t_last) / process.alpha(t_last)
         eps = self.step_lr * ((sigma / alpha) / level_last) ** 2  # in scaled units
-        x = x * (alpha / process.alpha(t))
+        x = (x * (alpha / process.alpha(t))).astype(x.dtype)
 
         def body(j, x):
             # Langevin in y = x / alpha at step eps is, in x, a step of alpha^2 eps on grad_x log p.
             score = _score(denoise, process, x, t_next)
             z = jax.random.normal(jax.random.fold_in(step.key, j), x.shape, x.dtype)
-            return x + alpha**2 * eps * score + alpha * jnp.sqrt(2.0 * eps) * z
+            return (x + alpha**2 * eps * score + alpha * jnp.sqrt(2.0 * eps) * z).astype(x.dtype)
 
         return jax.lax.fori_loop(0, self.n_steps_each, body, x), state
+
+    def advance(self, denoise, process, x, state, step: Step):
+        """Langevin evaluates inside its loop: the final denoising step is a branch of its own."""
+        return separate_final(self, denoise, process, x, state, step)
