@@ -7,12 +7,17 @@
 
    * difflax: every solver with every time grid (uniform, trailing, logsnr, karras, edm)
      and the grid of :func:`difflax.solvers.optimize_grid` (OSS on ``--calibration`` other
-     draws, ``--candidates`` log-SNR candidates, a free last time, and for the multistep
-     solvers ``max_step_ratio=3``); Euler and Heun both in process time and in the EDM
-     scaling of diffusers' discrete schedulers (``*-edm``, via
+     draws with its held-out guard, ``--candidates`` log-SNR candidates, a free last time, and
+     for the multistep solvers ``max_step_ratio=3``); Euler and Heun both in process time and in
+     the EDM scaling of diffusers' discrete schedulers (``*-edm``, via
      :func:`difflax.solvers.to_edm`, on the same noise levels). One compiled program per
-     solver serves every grid and step count (see :func:`_difflax_sampler`; checked
-     against :func:`difflax.sample`);
+     solver and step count serves every grid (see :func:`_difflax_sampler`; checked against
+     :func:`difflax.sample`);
+   * difflax's learned samplers, fitted with their defaults on the ``--calibration`` draws
+     (never on the test draws): LD3 time steps for DPM-Solver++(2M), iPNDM and UniPC-bh2
+     (:func:`difflax.solvers.fit_ld3`) and EPD with ``K = 1, 2`` directions per step
+     (:func:`difflax.solvers.fit_epd`), each timed (fitting, compilation included), and each
+     also evaluated on a second mixture of the same kind that it was not fitted on;
    * diffusers: DDIM, Euler, Heun, DPM-Solver++ 2M / 3M, UniPC and DEIS with their timestep
      spacings and Karras (and Lu) sigmas, driven by the same model read as an eps
      prediction at timestep ``n`` (difflax time ``(n + 1) / N``); their float32 tables are
@@ -25,7 +30,7 @@
    with (for methods that stop at ``t_min`` without it -- diffusers' DEIS, and UniPC-bh1,
    run with ``final_sigmas_type="sigma_min"`` because its step to 0 returns NaN in
    diffusers 0.42 -- the ODE state at ``t_min``). Step counts are set so that the number
-   of denoiser evaluations (NFE) is exactly 5, 10, 20 and 50; combinations where it cannot
+   of denoiser evaluations (NFE) is exactly ``--nfes`` (5, 10, 20); combinations where it cannot
    be matched (e.g. Heun's ``2 steps - 1``) are marked ``n/a`` and listed. With narrow
    modes the RMS is dominated by the few draws that a coarse solver sends into a
    different mode; the median error of the best configurations is printed as well.
@@ -39,11 +44,13 @@
    over interleaved pairs of runs.
 
 XLA:CPU runs one thread per op unless ``XLA_FLAGS`` is set (reproducible timings on a
-shared machine). Prints the tables and whether the targets hold (at NFE 10 and 20
-difflax's best solver+grid has at most half the error of diffusers' best configuration;
+shared machine). Prints the tables (RMS and median errors, fitting times) and whether the
+targets hold (at NFE 5 and 10 difflax's best method has at most half the RMS error of
+diffusers' best configuration;
 overhead ratio >= 20x; jitted sampler <= 1.05 x NFE x denoiser time), and writes
 ``solvers.png`` (error against NFE, best grid per solver) and ``solvers.json`` into
-``--out`` (default ``benchmarks/results/``).
+``--out`` (default ``benchmarks/results/``). ``--solvers``, ``--learned`` and
+``--accuracy-only`` (no parts 2 and 3) shorten a run.
 
     python -m benchmarks.solvers [--out DIR] [--num 512] [--dim 16] [--components 8] [--std 0.08]
 """
@@ -73,13 +80,12 @@ import numpy as np  # noqa: E402
 
 import difflax  # noqa: E402
 from difflax.analytic import GaussianMixture  # noqa: E402
-from difflax.solvers import SOLVERS, get_solver, make_grid, optimize_grid, to_edm  # noqa: E402
-from difflax.solvers.base import call  # noqa: E402
+from difflax.solvers import SOLVERS, fit_epd, fit_ld3, get_solver, make_grid, optimize_grid, run, to_edm  # noqa: E402
 from difflax.solvers.edm_coordinates import edm_sigma  # noqa: E402
-from difflax.solvers.optimize import reference_trajectory  # noqa: E402
+from difflax.solvers.optimize import ode_endpoint, reference_trajectory  # noqa: E402
 
 N_TRAIN = 1000
-NFES = (5, 10, 20, 50)
+
 GRIDS = ("uniform", "trailing", "logsnr", "karras", "edm", "optimized")
 
 # label, registry name, hyper-parameters, evaluations per step, EDM scaling
@@ -135,6 +141,13 @@ class Problem:
         )
         self._cache = {}
         self.edm = to_edm(self.denoise, self.process)  # one closure: optimize_grid compiles once for it
+        # A second mixture of the same kind, for samplers fitted on the first: its denoiser and exact samples.
+        rng = np.random.default_rng(args.seed + 100)
+        means = rng.normal(size=(args.components, args.dim))
+        other = GaussianMixture.isotropic(means, args.std, weights=rng.uniform(0.5, 1.5, size=args.components))
+        other = jax.jit(other.denoiser(self.process))
+        endpoint = jax.jit(lambda x: ode_endpoint(other, self.process, x, args.reference_points, 8))
+        self.other = (other, np.asarray(endpoint(self.x_T)))
 
     def fine_times(self, t_start, n):
         lam = np.linspace(
@@ -173,52 +186,26 @@ def _config(label):
     return next(c for c in DIFFLAX if c[0] == label)
 
 
-def _max_steps(per_step):
-    return max(s for s in (steps_for(n, per_step) for n in NFES) if s is not None)
-
-
 @functools.cache
-def _difflax_sampler(problem, label):
-    """Jitted sampler over a stack of grids and starting points, for every step count at once.
-
-    The loop of :func:`difflax.solvers.base.run` (``init``, ``steps - 1`` solver steps, the
-    final denoising step) over a grid padded to the solver's largest step count, with the
-    padding skipped by ``lax.cond``: one compile per solver instead of one per step count
-    (compiling dominates this benchmark on a CPU). :func:`check_sampler` compares it with
-    :func:`difflax.sample`.
-    """
+def _difflax_sampler(problem, label, steps):
+    """Jitted :func:`difflax.solvers.run` over a stack of grids and starting points (one compile per solver and
+    step count): ``(xs, grids) -> (samples, nfe)``. :func:`check_sampler` compares it with :func:`difflax.sample`."""
     _, name, kwargs, _, edm = _config(label)
     solver = get_solver(name, **kwargs)
     denoise, process = problem.edm if edm else (problem.denoise, problem.process)
 
-    def one(x, ts, n):
-        state = solver.init(process, x, None, n)
+    def one(x, ts):
+        x, info = run(solver, denoise, process, x, ts, final_zero=True)
+        return x, info["nfe"]
 
-        def body(state, k):
-            step = lambda s: solver.step(denoise, process, s, ts[k], ts[k + 1])
-            return jax.lax.cond(k < n - 1, step, lambda s: s, state), None
-
-        state, _ = jax.lax.scan(body, state, jnp.arange(ts.shape[0] - 2))
-        return call(denoise, state.x, ts[n - 1]), state.nfe + 1
-
-    return jax.jit(jax.vmap(one, in_axes=(0, 0, None)))
-
-
-def _padded(grids, per_step):
-    """Stack grids of ``steps + 1`` times (ending in 0) padded to the solver's largest step count."""
-    width = _max_steps(per_step) + 1
-    out = np.empty((len(grids), width))
-    for row, g in zip(out, grids, strict=True):
-        row[: len(g) - 1] = g[:-1]
-        row[len(g) - 1 :] = g[-2]  # padding: never stepped over
-    return out
+    return jax.jit(jax.vmap(one))
 
 
 def check_sampler(problem):
     """Largest difference between the batched benchmark sampler and :func:`difflax.sample`."""
     worst = 0.0
     for label, steps in (("unipc-bh2-3", 7), ("heun-edm", 3)):
-        _, name, kwargs, per_step, edm = _config(label)
+        _, name, kwargs, _, edm = _config(label)
         if name not in SOLVERS:
             continue
         grid = np.asarray(make_grid("logsnr", problem.process, steps), np.float64)
@@ -228,28 +215,28 @@ def check_sampler(problem):
             x = x / float(problem.process.alpha(grid[0]))
             grid = np.concatenate([np.asarray(edm_sigma(problem.process, jnp.asarray(grid[:-1]))), [0.0]])
         want, info = difflax.sample(denoise, process, x, solver=name, steps=steps, grid=jnp.asarray(grid), **kwargs)
-        got, nfe = _difflax_sampler(problem, label)(x[None], jnp.asarray(_padded([grid], per_step)), steps)
+        got, nfe = _difflax_sampler(problem, label, steps)(x[None], jnp.asarray(grid)[None])
         assert int(nfe[0]) == int(info["nfe"]), (label, nfe, info["nfe"])
         worst = max(worst, float(jnp.max(jnp.abs(got[0] - want))))
     return worst
 
 
 def run_difflax(problem, args, log):
-    results, medians, grids_used, skipped = {}, {}, {}, []
+    results, medians, grids_used, skipped, fit_time = {}, {}, {}, [], {}
     process = problem.process
     for label, name, kwargs, per_step, edm in DIFFLAX:
         multistep = name in MULTISTEP
-        if name not in SOLVERS:
-            skipped.append(f"{label} (solver {name!r} not registered)")
+        if name not in SOLVERS or label not in args.solvers:
+            skipped.append(f"{label} (not run)")
             continue
-        for nfe in NFES:
+        for nfe in args.nfes:
             steps = steps_for(nfe, per_step)
             if steps is None:
                 skipped.append(f"{label} at NFE {nfe} (NFE = {per_step} (steps - 1) + 1)")
                 continue
             t0 = time.perf_counter()
             grids = {g: np.asarray(make_grid(g, process, steps), np.float64) for g in GRIDS[:-1]}
-            # OSS with a free last time; multistep solvers with steps at most 3x their predecessor.
+            # OSS with its defaults (held-out guard), a free last time, multistep solvers with steps <= 3x the last.
             oss = {"candidates": args.candidates, "free_end": True, "max_step_ratio": 3.0 if multistep else None}
             if edm:
                 den_e, proc_e = problem.edm
@@ -262,7 +249,7 @@ def run_difflax(problem, args, log):
             else:
                 opt = optimize_grid(problem.denoise, process, problem.x_cal, solver=name, steps=steps, **oss, **kwargs)
                 grids["optimized"] = np.asarray(opt, np.float64)
-            t_opt_s = time.perf_counter() - t0
+            fit_time[(label, "optimized", nfe)] = t_opt_s = time.perf_counter() - t0
             names = list(grids)
             stack = np.stack([grids[g] for g in names])
             alphas = np.asarray(process.alpha(jnp.asarray(stack[:, 0])), np.float64)
@@ -273,9 +260,7 @@ def run_difflax(problem, args, log):
             else:
                 xs = jnp.broadcast_to(problem.x_T, (len(names), *problem.x_T.shape))
             t0 = time.perf_counter()
-            out, nfes = _difflax_sampler(problem, label)(
-                jnp.asarray(xs), jnp.asarray(_padded(list(stack), per_step)), steps
-            )
+            out, nfes = _difflax_sampler(problem, label, steps)(jnp.asarray(xs), jnp.asarray(stack))
             assert np.all(np.asarray(nfes) == nfe), (label, nfe, nfes)
             out = np.asarray(out)
             t_run = time.perf_counter() - t0
@@ -285,7 +270,56 @@ def run_difflax(problem, args, log):
                 medians[(label, g, nfe)] = med
             grids_used[(label, nfe)] = grids["optimized"].tolist()
             log(f"  difflax {label:13s} NFE {nfe:2d}: optimize {t_opt_s:5.1f}s, sample {t_run:5.1f}s")
-    return results, medians, grids_used, skipped
+    return results, medians, grids_used, skipped, fit_time
+
+
+def run_learned(problem, args, log):
+    """LD3 time steps (:func:`difflax.solvers.fit_ld3`) and EPD (:func:`difflax.solvers.fit_epd`), fitted on the
+    calibration draws with their defaults and evaluated on the test draws; also on a second mixture they were not
+    fitted on (its own exact endpoints)."""
+    results, medians, skipped, fit_time, transfer = {}, {}, [], {}, {}
+    process = problem.process
+    methods = [(f"ld3-{s}", "ld3", s, 1) for s in ("dpmpp_2m", "ipndm", "unipc-bh2")]
+    methods += [(f"epd-K{k}", "epd", None, k) for k in (1, 2)]
+    for label, kind, solver, k in methods:
+        if label not in args.learned:
+            continue
+        for nfe in args.nfes:
+            steps = steps_for(nfe, 1 + k if kind == "epd" else 1)
+            if steps is None or steps < 2:
+                skipped.append(f"{label} at NFE {nfe}")
+                continue
+            t0 = time.perf_counter()
+            if kind == "ld3":
+                name, kwargs = ("unipc", {"variant": "bh2"}) if solver == "unipc-bh2" else (solver, {})
+                fitted = fit_ld3(problem.denoise, process, problem.x_cal, name, steps, **kwargs)
+            else:
+                fitted = fit_epd(problem.denoise, process, problem.x_cal, steps, points=k)
+            fit_time[(label, "learned", nfe)] = time.perf_counter() - t0
+            for which, (denoise, exact) in {"test": (problem.denoise, None), "other": problem.other}.items():
+                x, info = _learned_sampler(fitted, process)(denoise, problem.x_T)
+                assert int(info) == nfe, (label, nfe, info)
+                rms, med = problem.errors(x, process.t_max) if exact is None else _rms_median(x, exact)
+                if which == "test":
+                    results[(label, "learned", nfe)], medians[(label, "learned", nfe)] = rms, med
+                else:
+                    transfer[(label, "learned", nfe)] = rms
+            log(f"  learned {label:13s} NFE {nfe:2d}: fit {fit_time[(label, 'learned', nfe)]:5.1f}s")
+    return results, medians, skipped, fit_time, transfer
+
+
+def _learned_sampler(sampler, process):
+    @functools.partial(jax.jit, static_argnums=0)
+    def sample(denoise, x):
+        x, info = difflax.sample(denoise, process, x, solver=sampler, steps=sampler.steps)
+        return x, info["nfe"]
+
+    return sample
+
+
+def _rms_median(x, exact):
+    d = np.linalg.norm(np.asarray(x, np.float64) - np.asarray(exact, np.float64), axis=-1)
+    return float(np.sqrt(np.mean(d**2))), float(np.median(d))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,11 +401,11 @@ def run_diffusers_once(torch, problem, scheduler, steps):
     return x.numpy().astype(np.float64), t_first, denoised, nfe
 
 
-def run_diffusers(torch, diffusers, problem, log):
+def run_diffusers(torch, diffusers, problem, args, log):
     results, medians, skipped = {}, {}, []
     for label, spacing, factory, per in diffusers_configs(diffusers):
         t0 = time.perf_counter()
-        for nfe in NFES:
+        for nfe in args.nfes:
             steps = steps_for(nfe, per) if per > 1 else nfe
             if steps is None:
                 skipped.append(f"{label} {spacing} at NFE {nfe} (NFE = {per} steps - 1)")
@@ -516,16 +550,16 @@ def fidelity(args):
 # Report
 
 
-def print_table(title, results, medians, labels, grids, log):
+def print_table(title, results, labels, grids, nfes, log):
     log(f"\n{title}")
-    head = f"{'solver':16s} {'grid':10s} " + " ".join(f"{'NFE ' + str(n):>9s}" for n in NFES)
+    head = f"{'solver':16s} {'grid':10s} " + " ".join(f"{'NFE ' + str(n):>9s}" for n in nfes)
     log(head)
     log("-" * len(head))
     for label in labels:
         for g in grids:
-            if not any((label, g, n) in results for n in NFES):
+            if not any((label, g, n) in results for n in nfes):
                 continue
-            log(f"{label:16s} {g:10s} " + " ".join(f"{fmt(results.get((label, g, n))):>9s}" for n in NFES))
+            log(f"{label:16s} {g:10s} " + " ".join(f"{fmt(results.get((label, g, n))):>9s}" for n in nfes))
 
 
 def best(results, nfe, medians=None):
@@ -536,14 +570,17 @@ def best(results, nfe, medians=None):
     return v, k, (medians[k] if medians else None)
 
 
-def plot(path, dl_results, df_results, dl_labels, df_labels):
+def plot(path, dl_results, df_results, dl_labels, df_labels, nfes):
+    """Best RMS error per method against NFE: difflax solid, diffusers dashed, learned samplers thick; every
+    method its own marker and colour, so curves stay apart in grey scale too."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(10, 6.5))
+    markers = "osD^vP*Xhp<>d8H"
 
     def curve(results, label):
         by_nfe = {}
@@ -553,20 +590,28 @@ def plot(path, dl_results, df_results, dl_labels, df_labels):
         return sorted(by_nfe.items())
 
     for i, label in enumerate(dl_labels):
+        learned = label.startswith(("ld3", "epd"))
         if pts := curve(dl_results, label):
-            ax.plot(*np.transpose(pts), "-o", color=plt.get_cmap("tab20")(i % 20), label=f"difflax {label}", ms=4)
+            ax.plot(*np.transpose(pts), "-", marker=markers[i % len(markers)], color=plt.get_cmap("tab10")(i % 10),
+                    lw=2.6 if learned else 1.2, ms=7 if learned else 5, label=f"difflax {label}")  # fmt: skip
     for i, label in enumerate(df_labels):
         if pts := curve(df_results, label):
-            ax.plot(*np.transpose(pts), "--s", color=plt.get_cmap("tab20b")(i % 20), label=f"diffusers {label}", ms=4)
+            ax.plot(*np.transpose(pts), "--", marker=markers[i % len(markers)], mfc="none", lw=1.0, ms=6,
+                    color=plt.get_cmap("Dark2")(i % 8), label=f"diffusers {label}")  # fmt: skip
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xticks(NFES)
-    ax.set_xticklabels([str(n) for n in NFES])
+    ax.xaxis.set_major_locator(FixedLocator(nfes))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([str(n) for n in nfes], fontsize=11)
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("NFE")
-    ax.set_ylabel("RMS error vs exact ODE endpoint (best grid / spacing)")
-    ax.set_title("Gaussian mixture, exact denoiser, DDPM linear schedule")
-    ax.legend(fontsize=6, ncol=2)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
+    ax.tick_params(axis="y", which="both", labelsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_xlabel("NFE (denoiser evaluations)", fontsize=12)
+    ax.set_ylabel("RMS error vs exact ODE sample (best grid / spacing)", fontsize=12)
+    ax.set_title("Gaussian mixture, exact denoiser, DDPM linear schedule (test draws)", fontsize=12)
+    ax.legend(fontsize=7.5, ncol=1, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -589,7 +634,16 @@ def main(argv=None):
     parser.add_argument("--mlp-batch", type=int, default=64)
     parser.add_argument("--mlp-depth", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--nfes", default="5,10,20", help="comma-separated NFE values")
+    parser.add_argument("--solvers", default=",".join(c[0] for c in DIFFLAX), help="difflax solvers (labels) to run")
+    parser.add_argument(
+        "--learned", default="ld3-dpmpp_2m,ld3-ipndm,ld3-unipc-bh2,epd-K1,epd-K2", help="learned samplers"
+    )
+    parser.add_argument("--accuracy-only", action="store_true", help="skip the overhead and cost measurements")
     args = parser.parse_args(argv)
+    args.nfes = tuple(int(n) for n in args.nfes.split(","))
+    args.solvers = tuple(args.solvers.split(","))
+    args.learned = tuple(args.learned.split(","))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -621,20 +675,32 @@ def main(argv=None):
         f"max diff {check_sampler(problem):.1e}"
     )
     log("\n[1/3] accuracy (progress)")
-    dl, dl_med, dl_grids, dl_skip = run_difflax(problem, args, log)
-    df, df_med, df_skip = run_diffusers(torch, diffusers, problem, log)
+    dl, dl_med, dl_grids, dl_skip, fit_time = run_difflax(problem, args, log)
+    ld, ld_med, ld_skip, ld_time, transfer = run_learned(problem, args, log)
+    dl, dl_med, fit_time = {**dl, **ld}, {**dl_med, **ld_med}, {**fit_time, **ld_time}
+    dl_skip += ld_skip
+    df, df_med, df_skip = run_diffusers(torch, diffusers, problem, args, log)
     t_accuracy = time.perf_counter() - start
 
-    dl_labels = [c[0] for c in DIFFLAX]
+    dl_labels = [c[0] for c in DIFFLAX if c[0] in args.solvers] + list(dict.fromkeys(k[0] for k in ld))
     df_labels = list(dict.fromkeys(c[0] for c in diffusers_configs(diffusers)))
     df_spacings = ("leading", "trailing", "linspace", "karras", "lu")
-    print_table("difflax: RMS error against the exact ODE endpoint", dl, dl_med, dl_labels, GRIDS, log)
-    print_table("diffusers: RMS error against the exact ODE endpoint", df, df_med, df_labels, df_spacings, log)
+    grids = (*GRIDS, "learned")
+    print_table("difflax: RMS error against the exact ODE endpoint", dl, dl_labels, grids, args.nfes, log)
+    print_table("difflax: median error against the exact ODE endpoint", dl_med, dl_labels, grids, args.nfes, log)
+    print_table("diffusers: RMS error against the exact ODE endpoint", df, df_labels, df_spacings, args.nfes, log)
+    print_table(
+        "diffusers: median error against the exact ODE endpoint", df_med, df_labels, df_spacings, args.nfes, log
+    )
+    print_table("fitting time (s, compilation included)", fit_time, dl_labels, grids, args.nfes, log)
+    print_table(
+        "learned samplers on a second mixture they were not fitted on: RMS", transfer, dl_labels, grids, args.nfes, log
+    )
     log("\nNFE not matched exactly (skipped): " + "; ".join(dl_skip + df_skip))
 
     log("\nbest configuration per NFE (RMS / median error):")
     ratios = {}
-    for nfe in NFES:
+    for nfe in args.nfes:
         b_dl, b_df = best(dl, nfe, dl_med), best(df, nfe, df_med)
         ratios[nfe] = b_dl[0] / b_df[0]
         log(
@@ -642,47 +708,48 @@ def main(argv=None):
             f"diffusers {b_df[1][0]} / {b_df[1][1]}: {b_df[0]:.4f} / {b_df[2]:.4f}   ratio {ratios[nfe]:.2f}"
         )
     log("best configuration per NFE by median error (typical draw, mode changes excluded):")
-    for nfe in NFES:
+    for nfe in args.nfes:
         m_dl, m_df = best(dl_med, nfe), best(df_med, nfe)
         log(
             f"  NFE {nfe:2d}: difflax {m_dl[1][0]} / {m_dl[1][1]}: {m_dl[0]:.4f}   "
             f"diffusers {m_df[1][0]} / {m_df[1][1]}: {m_df[0]:.4f}   ratio {m_dl[0] / m_df[0]:.2f}"
         )
 
-    log(
-        f"\n[2/3] overhead per step, trivial (linear) denoiser, batch {args.overhead_batch} x {args.dim} float32, "
-        f"{args.overhead_steps} steps (best of {args.repeats} loops)"
-    )
-    rows = overhead(torch, diffusers, args)
-    log(f"{'solver':10s} {'difflax us/step':>16s} {'diffusers us/step':>18s} {'ratio':>8s}")
-    for name, a, b, r in rows:
-        log(f"{name:10s} {a * 1e6:16.1f} {b * 1e6:18.1f} {r:7.0f}x")
-    min_ratio = min(r for *_, r in rows)
-
-    log("\n[3/3] jitted sampler vs NFE x denoiser time (costly MLP denoiser)")
-    width, frows = fidelity(args)
-    log(f"MLP: batch {args.mlp_batch}, width {width}, depth {args.mlp_depth}")
-    log(f"{'solver':10s} {'NFE':>4s} {'denoiser ms':>12s} {'sampler ms':>11s} {'ratio':>7s} {'IQR':>6s}")
-    for solver, nfe, t_den, t_s, r, iqr in frows:
-        log(f"{solver:10s} {nfe:4d} {t_den * 1e3:12.2f} {t_s * 1e3:11.2f} {r:7.3f} {iqr:6.3f}")
-    worst = max(r for _, _, _, _, r, _ in frows)
-
-    log("\ntargets:")
-    for nfe in (10, 20):
+    rows, frows = [], []
+    if not args.accuracy_only:
         log(
-            f"  NFE {nfe}: difflax best error <= 0.5 x diffusers best: ratio {ratios[nfe]:.2f} -> "
+            f"\n[2/3] overhead per step, trivial (linear) denoiser, batch {args.overhead_batch} x {args.dim} float32, "
+            f"{args.overhead_steps} steps (best of {args.repeats} loops)"
+        )
+        rows = overhead(torch, diffusers, args)
+        log(f"{'solver':10s} {'difflax us/step':>16s} {'diffusers us/step':>18s} {'ratio':>8s}")
+        for name, a, b, r in rows:
+            log(f"{name:10s} {a * 1e6:16.1f} {b * 1e6:18.1f} {r:7.0f}x")
+
+        log("\n[3/3] jitted sampler vs NFE x denoiser time (costly MLP denoiser)")
+        width, frows = fidelity(args)
+        log(f"MLP: batch {args.mlp_batch}, width {width}, depth {args.mlp_depth}")
+        log(f"{'solver':10s} {'NFE':>4s} {'denoiser ms':>12s} {'sampler ms':>11s} {'ratio':>7s} {'IQR':>6s}")
+        for solver, nfe, t_den, t_s, r, iqr in frows:
+            log(f"{solver:10s} {nfe:4d} {t_den * 1e3:12.2f} {t_s * 1e3:11.2f} {r:7.3f} {iqr:6.3f}")
+    log("\ntargets:")
+    for nfe in (n for n in (5, 10) if n in ratios):
+        log(
+            f"  NFE {nfe}: difflax best RMS error <= 0.5 x diffusers best: ratio {ratios[nfe]:.2f} -> "
             f"{'HOLDS' if ratios[nfe] <= 0.5 else 'FAILS'}"
         )
-    log(
-        f"  overhead ratio diffusers / difflax >= 20x: min {min_ratio:.0f}x -> "
-        f"{'HOLDS' if min_ratio >= 20 else 'FAILS'}"
-    )
-    log(
-        f"  jitted sampler time <= 1.05 x NFE x denoiser time: worst median ratio {worst:.3f} -> "
-        f"{'HOLDS' if worst <= 1.05 else 'FAILS'}"
-    )
+    if rows:
+        min_ratio, worst = min(r for *_, r in rows), max(r for _, _, _, _, r, _ in frows)
+        log(
+            f"  overhead ratio diffusers / difflax >= 20x: min {min_ratio:.0f}x -> "
+            f"{'HOLDS' if min_ratio >= 20 else 'FAILS'}"
+        )
+        log(
+            f"  jitted sampler time <= 1.05 x NFE x denoiser time: worst median ratio {worst:.3f} -> "
+            f"{'HOLDS' if worst <= 1.05 else 'FAILS'}"
+        )
 
-    plot(out / "solvers.png", dl, df, dl_labels, df_labels)
+    plot(out / "solvers.png", dl, df, dl_labels, df_labels, args.nfes)
     payload = {
         "args": vars(args),
         "difflax": {f"{k[0]}|{k[1]}|{k[2]}": v for k, v in dl.items()},
@@ -690,6 +757,8 @@ def main(argv=None):
         "diffusers": {f"{k[0]}|{k[1]}|{k[2]}": v for k, v in df.items()},
         "diffusers_median": {f"{k[0]}|{k[1]}|{k[2]}": v for k, v in df_med.items()},
         "optimized_grids": {f"{k[0]}|{k[1]}": v for k, v in dl_grids.items()},
+        "fit_seconds": {f"{k[0]}|{k[1]}|{k[2]}": v for k, v in fit_time.items()},
+        "second_mixture": {f"{k[0]}|{k[1]}|{k[2]}": v for k, v in transfer.items()},
         "overhead": rows,
         "fidelity": frows,
     }

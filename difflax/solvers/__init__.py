@@ -17,15 +17,18 @@ from difflax.solvers.deis import DEIS
 from difflax.solvers.dpm import DPMSolver, DPMSolverPP2M, DPMSolverPP2MSDE, DPMSolverPP2S, DPMSolverPP3M
 from difflax.solvers.dps import DPS, dps_sample
 from difflax.solvers.edm_coordinates import to_edm
+from difflax.solvers.epd import EPD, fit_epd
 from difflax.solvers.grids import GRIDS, check_grid, make_grid
 from difflax.solvers.inpainting import ReplaceKnown, inpaint_sample, repaint_moves
 from difflax.solvers.ipndm import IPNDM
+from difflax.solvers.learned import LearnedGrid, fit_ld3
 from difflax.solvers.ode import EDMStochastic, Euler, Heun
 from difflax.solvers.optimize import optimize_grid
 from difflax.solvers.picard import picard_sample
 from difflax.solvers.registry import SOLVERS, get_solver, resolve_grid, resolve_solver
 from difflax.solvers.sample import sample, sdedit
 from difflax.solvers.sde import ALD, PC, EulerMaruyama
+from difflax.solvers.serialize import from_arrays, to_arrays
 from difflax.solvers.speculative import reflection_coupling, speculative_sample
 from difflax.solvers.unipc import UniPC
 
@@ -35,6 +38,7 @@ __all__ = [
     "DDPM",
     "DEIS",
     "DPS",
+    "EPD",
     "GRIDS",
     "IPNDM",
     "PC",
@@ -49,12 +53,16 @@ __all__ = [
     "Euler",
     "EulerMaruyama",
     "Heun",
+    "LearnedGrid",
     "ReplaceKnown",
     "Solver",
     "Step",
     "UniPC",
     "check_grid",
     "dps_sample",
+    "fit_epd",
+    "fit_ld3",
+    "from_arrays",
     "get_solver",
     "grids",
     "inpaint_sample",
@@ -69,5 +77,6 @@ __all__ = [
     "sample",
     "sdedit",
     "speculative_sample",
+    "to_arrays",
     "to_edm",
 ]
