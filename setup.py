@@ -1,4 +1,4 @@
-"""Install entry for difflax: ``pip install -e .[dev]``."""
+"""Install entry for difflax: ``pip install -e .[dev]`` in a checkout, or ``pip install <folder or git URL>``."""
 
 from setuptools import find_packages, setup
 
@@ -25,7 +25,16 @@ setup(
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
     python_requires=">=3.11",
+    # difflax.configs (the recipes) and difflax.cli (the jobs) included: no checkout needed.
     packages=find_packages(include=["difflax", "difflax.*"]),
+    entry_points={
+        "console_scripts": [
+            "difflax-train = difflax.cli.train:run",
+            "difflax-sample = difflax.cli.sample:run",
+            "difflax-evaluate = difflax.cli.evaluate:run",
+            "difflax-encode-latents = difflax.cli.encode_latents:run",
+        ]
+    },
     # Lower bounds are tested: CI installs exactly constraints-min.txt and runs tests/test_smoke.py.
     install_requires=[
         "jax>=0.7.0",

@@ -46,7 +46,7 @@ def measure(config, steps: int, devices=None, dataset=None) -> dict:
 
 def cifar_like_config(batch: int):
     """The DDPM++ CIFAR-10 network at 32x32x3, fed with random images of that size."""
-    from configs import digits
+    from difflax.configs import digits
 
     config = digits.get_config()
     config.model.kwargs.base_channels = 128
@@ -67,7 +67,7 @@ def main():
     parser.add_argument("--sharded_only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    from configs import digits
+    from difflax.configs import digits
 
     if args.sharded_only:  # child process with 8 CPU devices
         config = digits.get_config()

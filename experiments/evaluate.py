@@ -1,51 +1,6 @@
-"""Evaluate a training run: ``python -m experiments.evaluate --workdir=DIR [--step=...] [--seeds=0,1,2] [...]``.
+"""In a checkout, ``python -m experiments.evaluate`` runs :mod:`difflax.cli.evaluate`."""
 
-The seeded protocol of :func:`difflax.train.runs.evaluate_run`: for each seed, draw
-``--num_samples`` samples with the recipe's sampler (or ``--solver/--steps/--grid/
---guidance_scale``) from a checkpoint's EMA parameters, map them to the data's features and
-score them (digits: Frechet digits distance, KID, precision/recall, class accuracy; 2-D data:
-the same on the points plus the sliced Wasserstein distance; other images: FID with local
-Inception weights, ``--inception`` and ``--reference_stats``); mean +- std over the seeds
-goes to ``DIR/eval.json``.
-"""
-
-from __future__ import annotations
-
-import os
-import sys
-
-from absl import app, flags, logging
-
-from difflax.train import JOB_ERRORS
-from difflax.train.runs import evaluate_run
-
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's work directory.", required=True)
-_STEP = flags.DEFINE_string("step", "latest", "Checkpoint: 'latest', 'best' or a step number.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "One full evaluation per seed.")
-_NUM = flags.DEFINE_integer("num_samples", 1000, "Samples per seed.")
-_BATCH = flags.DEFINE_integer("batch_size", 500, "Samples per jitted batch.")
-_SOLVER = flags.DEFINE_string("solver", None, "Solver name (default: the recipe's sample.solver).")
-_STEPS = flags.DEFINE_integer("steps", None, "Number of steps (default: sample.steps).")
-_GRID = flags.DEFINE_string("grid", None, "Time grid (default: sample.grid).")
-_GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (1: none).")
-_INCEPTION = flags.DEFINE_string("inception", None, "Local Inception weights (.npz) for FID on image datasets.")
-_REFERENCE = flags.DEFINE_string("reference_stats", None, "Reference feature statistics (.npz) for FID.")
-
-
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    try:
-        report = evaluate_run(_WORKDIR.value, _STEP.value, seeds=_SEEDS.value, num_samples=_NUM.value,
-                              batch_size=_BATCH.value, solver=_SOLVER.value, steps=_STEPS.value, grid=_GRID.value,
-                              guidance_scale=_GUIDANCE.value, inception=_INCEPTION.value,
-                              reference_stats=_REFERENCE.value)
-    except (*JOB_ERRORS, FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
-    for name, m in report["metrics"].items():
-        print(f"{name:>20}: {m['mean']:.5g} +- {m['std']:.2g}  ({len(m['per_seed'])} seeds)")
-    print(f"wrote {os.path.join(os.path.abspath(_WORKDIR.value), 'eval.json')}")
-
+from difflax.cli.evaluate import run
 
 if __name__ == "__main__":
-    app.run(main)
+    run()

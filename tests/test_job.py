@@ -73,7 +73,7 @@ def test_diverging_run_stops_and_never_saves_a_nonfinite_state(tmp_path):
 def test_diverging_learning_rate_exits_nonzero_with_no_nonfinite_checkpoint(tmp_path):
     """Finding 1 as the probe ran it: a learning rate that diverges, through the entry point."""
     result = subprocess.run(
-        [sys.executable, "-m", "experiments.main", "--config=configs/toy2d.py", f"--workdir={tmp_path}",
+        [sys.executable, "-m", "difflax.cli.train", "--config=toy2d", f"--workdir={tmp_path}",
          "--config.optim.learning_rate=1e30", "--config.optim.warmup_steps=0", "--config.optim.grad_clip=0",
          "--config.optim.max_nonfinite=3", "--config.train.steps=40", "--config.train.save_every=1",
          "--config.train.log_every=1", "--config.model.kwargs.features=32"],
@@ -114,7 +114,8 @@ def _wait_for(path, proc, deadline=300):
 
 
 def test_sigterm_at_startup_exits_zero_having_trained_nothing(tmp_path):
-    """Finding 3: a notice while the job is still importing used to kill it (-15)."""
+    """Finding 3: a notice while the job is still importing used to kill it (-15). The checkout's path
+    runs the job's file as a script, so its handler is installed before JAX is imported."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "experiments.main", "--config=configs/toy2d.py", f"--workdir={tmp_path}",
          "--config.model.kwargs.features=32"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -390,7 +391,7 @@ def test_settings_that_only_fail_together_are_refused(tmp_path):
         check_config_devices(config, 8)
     for name in ("cifar10_ddpmpp", "cifar10_edm", "digits", "imagenet256_dit_latent", "imagenet64_unet_cfg",
                  "toy2d", "toy2d_edm"):
-        check_config_devices(__import__(f"configs.{name}", fromlist=["get_config"]).get_config(), 1)
+        check_config_devices(__import__(f"difflax.configs.{name}", fromlist=["get_config"]).get_config(), 1)
 
 
 def check_config_devices(config, devices):
@@ -402,7 +403,7 @@ def check_config_devices(config, devices):
 def test_entry_point_refuses_a_bad_setting_in_one_line(tmp_path):
     start = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "experiments.main", "--config=configs/toy2d.py", f"--workdir={tmp_path / 'run'}",
+        [sys.executable, "-m", "difflax.cli.train", "--config=toy2d", f"--workdir={tmp_path / 'run'}",
          "--config.train.batch_size=0"], cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=300,
     )
     seconds = time.perf_counter() - start

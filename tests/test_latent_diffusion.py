@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from safetensors.numpy import save_file
 
-from configs import digits_latent
+from difflax.configs import digits_latent
 from difflax.data import ArrayDataset, LatentDataset, encode_dataset, latent_decoder, load_digits
 from difflax.data.arrays import epoch_indices
 from difflax.data.encode import encode_images, image_dataset
@@ -103,7 +103,7 @@ def test_float16_posterior_samples_from_the_command_line(vae_pipeline, tmp_path)
     out = tmp_path / "half"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     result = subprocess.run(
-        [sys.executable, "-m", "experiments.encode_latents", f"--vae={vae_pipeline}", f"--out={out}", "--num=20",
+        [sys.executable, "-m", "difflax.cli.encode_latents", f"--vae={vae_pipeline}", f"--out={out}", "--num=20",
          "--image_size=16", "--batch_size=8", "--dtype=float16", "--sample"],
         cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
     )

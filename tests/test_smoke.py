@@ -38,7 +38,7 @@ def test_one_sample(solver):
 
 
 def test_one_train_step_and_a_checkpoint_round_trip(tmp_path):
-    from configs import toy2d
+    from difflax.configs import toy2d
     from difflax.train import Trainer
 
     config = toy2d.get_config()

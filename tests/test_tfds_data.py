@@ -259,7 +259,7 @@ RECIPES = {
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_recipe_builds(recipe):
-    config = importlib.import_module(f"configs.{recipe}").get_config()
+    config = importlib.import_module(f"difflax.configs.{recipe}").get_config()
     shape, num_classes, published = RECIPES[recipe]
     assert config.data.name.split(":")[0] in ("tfds", "latents")
     process = builders.build_process(config.process)

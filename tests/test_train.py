@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import toy2d
+from difflax.configs import toy2d
 from difflax.train import CheckpointError, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -62,7 +62,7 @@ def noise(batch: int = 16):
 
 def train_recipe(grad_clip: float | None = None):
     """The tiny toy recipe: ``(config, model, process, tx)``; constant learning rate, no warm-up."""
-    from configs import toy2d
+    from difflax.configs import toy2d
     from difflax.train import builders
     from difflax.train.optim import make_optimizer
 

@@ -3,8 +3,8 @@
 A run's directory holds ``config.json`` (the resolved recipe, written when the job starts)
 and ``checkpoints/``; :func:`load_run` rebuilds the recipe's :class:`~difflax.train.loop.Trainer`
 and restores a checkpoint (verified against its checksums), so sampling
-(:func:`sample_run`, ``python -m experiments.sample``) and evaluation (:func:`evaluate_run`,
-``python -m experiments.evaluate``) use exactly the model that was trained.
+(:func:`sample_run`, ``difflax-sample``) and evaluation (:func:`evaluate_run`,
+``difflax-evaluate``) use exactly the model that was trained.
 
 Evaluation is the seeded protocol of :func:`difflax.metrics.evaluate.evaluate` (mean +- std
 over seeds) in the features of the run's data:
@@ -55,7 +55,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, CONFIG)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist: --workdir must be the directory of a training run "
-                                "(python -m experiments.main writes config.json there when it starts).")
+                                "(difflax-train writes config.json there when it starts).")
     with open(path) as f:
         return ml_collections.ConfigDict(_tuples(json.load(f)))
 
