@@ -20,6 +20,7 @@ from difflax.solvers import SOLVERS, get_solver
 from difflax.solvers.grids import GRIDS, make_grid
 from difflax.train.builders import MODELS, T_SAMPLERS
 from difflax.train.optim import OPTIMIZERS, SCHEDULES
+from difflax.train.sharding import BATCH_AXES, check_rules, mesh_shape
 
 __all__ = ["ConfigError", "check_config"]
 
@@ -127,13 +128,41 @@ def _fail(key: str, value, allowed: str, extra: str = "") -> ConfigError:
     return ConfigError(f"config.{key} = {value!r} is not allowed: it must be {allowed}{extra}.")
 
 
-def check_config(config, *, device_count: int | None = None) -> None:
+def _check_sharding(config, device_count: int | None, mesh) -> None:
+    """``config.mesh`` fits the devices, ``config.partition_rules`` name known axes, the batch splits."""
+    try:
+        check_rules(tuple(config.get("partition_rules", None) or ()))
+    except ValueError as err:
+        raise ConfigError(f"config.partition_rules: {err}") from None
+    if mesh is not None:
+        sizes = dict(mesh.shape)
+    elif device_count is not None:
+        shape = config.get("mesh", None)
+        try:
+            sizes = mesh_shape(None if shape is None else dict(shape), device_count)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    else:
+        return
+    shards = math.prod(sizes[a] for a in BATCH_AXES)
+    if config.train.batch_size % shards:
+        raise _fail(
+            "train.batch_size",
+            config.train.batch_size,
+            f"a multiple of the device count {shards} on the batch axes (mesh data x fsdp = "
+            f"{sizes['data']} x {sizes['fsdp']}, model = {sizes['model']})",
+        )
+
+
+def check_config(config, *, device_count: int | None = None, mesh=None) -> None:
     """Raise :class:`ConfigError` at the first value of ``config`` that is not allowed.
 
-    Applies :data:`RULES`, then the checks that involve several keys: the process's
-    ``kwargs`` build a process, ``train.batch_size`` divides over ``device_count`` devices,
-    and the sampler (``sample.solver`` with ``sample.grid`` and ``sample.steps``) resolves on
-    the recipe's process.
+    Applies :data:`RULES`, then the checks that involve several keys: the device mesh
+    (``config.mesh``, resolved over ``device_count`` devices, or the given ``mesh``, see
+    :func:`~difflax.train.sharding.mesh_shape`) fits the devices and ``train.batch_size``
+    divides over its ``data x fsdp`` batch shards, ``config.partition_rules`` name known mesh
+    axes, the process's ``kwargs`` build a process, and the sampler (``sample.solver`` with
+    ``sample.grid`` and ``sample.steps``) resolves on the recipe's process.
     """
     for key, (ok, allowed), required in RULES:
         value = _lookup(config, key)
@@ -143,17 +172,19 @@ def check_config(config, *, device_count: int | None = None) -> None:
             continue
         if not ok(value):
             raise _fail(key, value, allowed)
-    if device_count is not None and config.train.batch_size % device_count:
-        raise _fail("train.batch_size", config.train.batch_size, f"a multiple of the device count {device_count}")
+    _check_sharding(config, device_count, mesh)
     kwargs = dict(config.process.get("kwargs", {}))
     try:
         process = get_process(config.process.name, **kwargs)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"config.process.kwargs = {kwargs!r} is not allowed for process "
-                          f"{config.process.name!r}: {err}") from None
+        raise ConfigError(
+            f"config.process.kwargs = {kwargs!r} is not allowed for process {config.process.name!r}: {err}"
+        ) from None
     if not 0 <= process.t_min < process.t_max:
-        raise ConfigError(f"config.process.kwargs = {kwargs!r} is not allowed: it must give "
-                          f"0 <= t_min < t_max; got t_min={process.t_min}, t_max={process.t_max}.")
+        raise ConfigError(
+            f"config.process.kwargs = {kwargs!r} is not allowed: it must give "
+            f"0 <= t_min < t_max; got t_min={process.t_min}, t_max={process.t_max}."
+        )
     try:
         get_solver(config.sample.solver)
         make_grid(config.sample.grid, process, config.sample.steps)

@@ -20,7 +20,7 @@ from difflax.train.checkpoint import Checkpointer
 from difflax.train.config_checks import check_config
 from difflax.train.optim import make_optimizer
 from difflax.train.preemption import Preemption
-from difflax.train.sharding import make_mesh, replicated, shard_batch
+from difflax.train.sharding import batch_sharding, make_mesh, partition_rules, replicated, shard_batch, state_shardings
 from difflax.train.state import TrainState
 from difflax.train.step import make_train_step
 from difflax.train.workdir import WorkdirLock, check_recipe
@@ -73,11 +73,19 @@ class Trainer:
     :class:`~difflax.train.preemption.Preemption` (default: a new one, installed while
     :meth:`run` runs). The recipe is checked (:func:`~difflax.train.config_checks.check_config`)
     before anything is built.
+
+    The device mesh is ``mesh``, else ``config.mesh`` over all devices (default: all on
+    ``data``; see :func:`~difflax.train.sharding.make_mesh`). Parameters, EMA and optimizer
+    state are laid out by :attr:`state_sharding` (``config.partition_rules``, then the
+    tensor-parallel rules and FSDP of :func:`~difflax.train.sharding.partition_spec`), the
+    batch over ``data x fsdp``; the train step, sampling and evaluation are jitted with these
+    shardings, and checkpoints restore onto them whatever mesh wrote them.
     """
 
     def __init__(self, config, workdir: str, mesh=None, dataset=None, preemption: Preemption | None = None):
-        self.mesh = make_mesh() if mesh is None else mesh
-        check_config(config, device_count=self.mesh.devices.size)
+        mesh_config = config.get("mesh", None)
+        self.mesh = make_mesh(shape=None if mesh_config is None else dict(mesh_config)) if mesh is None else mesh
+        check_config(config, mesh=self.mesh)
         self.config = config
         self.workdir = workdir
         self.is_main = jax.process_index() == 0
@@ -90,9 +98,15 @@ class Trainer:
         self.process = builders.build_process(config.process)
         self.model = builders.build_model(config.model, self.num_classes)
         self.tx = make_optimizer(config.optim, config.train.steps)
+        self.rules = partition_rules(config.get("partition_rules", None))
+        self.state_sharding = state_shardings(jax.eval_shape(self._new_state), self.mesh, self.rules)
         step_fn = make_train_step(self.model, self.process, self.tx, config, self.num_classes)
-        rep = replicated(self.mesh)
-        self._step = jax.jit(step_fn, in_shardings=(rep, None), out_shardings=(rep, rep), donate_argnums=0)
+        self._step = jax.jit(
+            step_fn,
+            in_shardings=(self.state_sharding, batch_sharding(self.mesh)),
+            out_shardings=(self.state_sharding, replicated(self.mesh)),
+            donate_argnums=0,
+        )
         self.checkpointer = Checkpointer(
             os.path.join(workdir, "checkpoints"),
             keep=config.train.keep,
@@ -104,19 +118,37 @@ class Trainer:
         self._snapshot_fn = None
 
     # ---------------------------------------------------------------- state
-    def init_state(self) -> TrainState:
+    def _new_state(self) -> TrainState:
         key = jax.random.key(self.config.seed)
         conditional = self.config.model.get("class_conditional", False)
         params = builders.init_params(self.model, jax.random.fold_in(key, 1), self.example_shape, conditional)
-        state = TrainState.create(params, self.tx, jax.random.fold_in(key, 2))
-        return jax.device_put(state, replicated(self.mesh))
+        return TrainState.create(params, self.tx, jax.random.fold_in(key, 2))
+
+    def init_state(self) -> TrainState:
+        """A new state laid out by :attr:`state_sharding`.
+
+        A sharded layout is created in place by one jitted program, so no device ever holds
+        more than its shards; a replicated one (the default mesh) is computed op by op and
+        then placed, which keeps the initial values of earlier versions bit for bit (the
+        fused program rounds a few initializers differently, by about one float32 ulp).
+        """
+        if all(s.is_fully_replicated for s in jax.tree.leaves(self.state_sharding)):
+            return jax.device_put(self._new_state(), self.state_sharding)
+        return jax.jit(self._new_state, out_shardings=self.state_sharding)()
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and :attr:`state_sharding` of the state, nothing allocated: the target of a restore."""
+        return jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            jax.eval_shape(self._new_state),
+            self.state_sharding,
+        )
 
     def restore_or_init(self) -> TrainState:
-        """The newest intact checkpoint (see :meth:`Checkpointer.restore_intact`), else a new state."""
-        state = self.init_state()
+        """The newest intact checkpoint (see :meth:`Checkpointer.restore_intact`) on this mesh, else a new state."""
         latest = self.checkpointer.latest_step()
         if latest is None:
-            return state
+            return self.init_state()
         meta = self.checkpointer.read_meta(latest)
         if meta is not None and meta.get("example_shape") != list(self.example_shape):
             raise ValueError(
@@ -124,8 +156,8 @@ class Trainer:
                 f"{meta.get('example_shape')}, but the recipe's data has shape {list(self.example_shape)}; "
                 "use another --workdir."
             )
-        restored, _ = self.checkpointer.restore_intact(state)
-        return jax.device_put(restored, replicated(self.mesh))
+        restored, _ = self.checkpointer.restore_intact(self.abstract_state())
+        return restored
 
     def save(self, state: TrainState, loss: float):
         """Checkpoint ``state`` ranked by ``loss`` (refused if the state is not finite)."""
@@ -140,7 +172,10 @@ class Trainer:
         if self._snapshot_fn is None:
             conditional = self.config.model.get("class_conditional", False)
             num = 10 * (self.num_classes if conditional else 8) if len(self.example_shape) > 1 else 1000
-            self._snapshot_fn = jax.jit(lambda params, key: self.sample(params, key, num)[0])
+            self._snapshot_fn = jax.jit(
+                lambda params, key: self.sample(params, key, num)[0],
+                in_shardings=(self.state_sharding.ema_params, replicated(self.mesh)),
+            )
         x = np.asarray(jax.device_get(self._snapshot_fn(state.ema_params, jax.random.key(self.config.seed + 2))))
         step = int(state.step)
         path = os.path.join(self.workdir, "samples", f"step_{step:07d}.png")
@@ -229,18 +264,35 @@ class Trainer:
         scale = self.config.sample.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
 
         def given(y):
-            return builders.make_denoiser(self.model, params, self.process, self.config.model.prediction, y,
-                                          noise_scale=self.config.model.get("noise_scale", 1.0))
+            return builders.make_denoiser(
+                self.model,
+                params,
+                self.process,
+                self.config.model.prediction,
+                y,
+                noise_scale=self.config.model.get("noise_scale", 1.0),
+            )
 
         if not self.config.model.get("class_conditional", False):
             return given(None)
         if scale == 1.0:
             return lambda x, t, y: given(y)(x, t)
-        return lambda x, t, y: difflax.guidance.cfg(lambda x_, t_, y_: given(y_)(x_, t_), y, scale,
-                                                    null=self.num_classes)(x, t)
+        return lambda x, t, y: difflax.guidance.cfg(
+            lambda x_, t_, y_: given(y_)(x_, t_), y, scale, null=self.num_classes
+        )(x, t)
 
-    def sample(self, params, key, num: int, labels=None, solver=None, steps=None, grid=None, guidance_scale=None,
-               return_trajectory: bool = False):
+    def sample(
+        self,
+        params,
+        key,
+        num: int,
+        labels=None,
+        solver=None,
+        steps=None,
+        grid=None,
+        guidance_scale=None,
+        return_trajectory: bool = False,
+    ):
         """Draw ``num`` samples with the recipe's sampler (``sample.*``, each overridable); returns ``(x, info)``.
 
         A class-conditional model samples the classes ``0, 1, ..., num_classes - 1, 0, ...``
@@ -261,12 +313,21 @@ class Trainer:
 
         x_T = self.process.prior_sample(k_noise, (num, *self.example_shape))
         stochastic = difflax.solvers.get_solver(solver).stochastic
-        return difflax.sample(denoise, self.process, x_T, solver=solver, steps=steps, grid=grid,
-                              key=k_solver if stochastic else None, return_trajectory=return_trajectory)
+        return difflax.sample(
+            denoise,
+            self.process,
+            x_T,
+            solver=solver,
+            steps=steps,
+            grid=grid,
+            key=k_solver if stochastic else None,
+            return_trajectory=return_trajectory,
+        )
 
 
-def train_and_evaluate(config, workdir: str, *, dataset=None, preemption: Preemption | None = None,
-                       allow_recipe_change: bool = False) -> dict:
+def train_and_evaluate(
+    config, workdir: str, *, dataset=None, preemption: Preemption | None = None, allow_recipe_change: bool = False
+) -> dict:
     """The training job: check the recipe, own ``workdir``, train, then sample and evaluate.
 
     In order, before anything is built: :func:`~difflax.train.config_checks.check_config`,
@@ -319,7 +380,10 @@ def evaluate(trainer: Trainer, state: TrainState) -> dict:
     num = config.eval.num_samples
     conditional = config.model.get("class_conditional", False)
     labels = jnp.arange(num) % trainer.num_classes if conditional else None
-    sample_fn = jax.jit(lambda p, k: trainer.sample(p, k, num, labels=labels))
+    sample_fn = jax.jit(
+        lambda p, k: trainer.sample(p, k, num, labels=labels),
+        in_shardings=(trainer.state_sharding.ema_params, replicated(trainer.mesh)),
+    )
     x, info = sample_fn(state.ema_params, key)
     x = np.asarray(jax.device_get(x))
     if trainer.preemption.requested():
@@ -327,15 +391,23 @@ def evaluate(trainer: Trainer, state: TrainState) -> dict:
     results = {
         "step": int(state.step),
         "final_loss": trainer.writer.read()[-1]["loss"] if trainer.writer.read() else None,
-        "sampler": {"solver": config.sample.solver, "steps": config.sample.steps, "grid": config.sample.grid,
-                    "nfe": int(info["nfe"])},
+        "sampler": {
+            "solver": config.sample.solver,
+            "steps": config.sample.steps,
+            "grid": config.sample.grid,
+            "nfe": int(info["nfe"]),
+        },
     }
     results.update(score_samples(trainer, x, None if labels is None else np.asarray(labels)))
     if trainer.preemption.requested():
         return stopped
     if trainer.is_main:
-        write_samples(trainer, x, os.path.join(trainer.workdir, "samples.png"),
-                      f"{config.data.name}, step {int(state.step)}: {config.sample.solver}, NFE {int(info['nfe'])}")
+        write_samples(
+            trainer,
+            x,
+            os.path.join(trainer.workdir, "samples.png"),
+            f"{config.data.name}, step {int(state.step)}: {config.sample.solver}, NFE {int(info['nfe'])}",
+        )
     return results
 
 

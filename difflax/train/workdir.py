@@ -36,6 +36,8 @@ CONFIG = "config.json"
 RESUMABLE_KEYS = (
     "train.steps", "train.log_every", "train.save_every", "train.keep", "train.keep_best",
     "train.async_checkpoint", "sample.", "eval.",
+    # The layout of the state, not its values: checkpoints restore onto another mesh.
+    "mesh.", "partition_rules",
 )
 
 
