@@ -1,7 +1,7 @@
 """Benchmark: few-step students distilled from a trained teacher, against the teacher's own samplers.
 
-On ``--data digits`` (the default recipe, ``configs/digits.py``: a class-conditional EDM
-U-Net) or ``--data toy2d`` (``configs/toy2d_edm.py``: the 5x5 Gaussian grid, an EDM-preconditioned MLP), the
+On ``--data digits`` (the default recipe, ``difflax/configs/digits.py``: a class-conditional EDM
+U-Net) or ``--data toy2d`` (``difflax/configs/toy2d_edm.py``: the 5x5 Gaussian grid, an EDM-preconditioned MLP), the
 teacher is trained in ``--workdir`` (or restored from there), then every method of
 :mod:`difflax.train.distill` is trained from it:
 
@@ -12,6 +12,10 @@ teacher is trained in ``--workdir`` (or restored from there), then every method 
 * reflow on ``--pairs`` teacher couplings, sampled with 1, 2 and 4 Euler steps, with the
   straightness of the teacher's and the student's paths,
 * DMD into a one-step generator (with the L2 regression to teacher pairs),
+* MeanFlow and shortcut models distilled from the teacher's velocity (flow reading), sampled with 1, 2
+  and 4 steps of the average velocity,
+* sCM distillation (TrigFlow reading, tangent normalization and warm-up, adaptive weighting), sampled in
+  1 and 2 steps,
 * guidance distillation (digits only), compared with the teacher's classifier-free guidance at
   the same ``w`` and steps (the student makes half the network calls),
 * Adv-KD (one pass through its stage networks).
@@ -45,13 +49,20 @@ from difflax.train import Trainer, builders
 from difflax.train import distill as students
 
 TEACHER_BASELINES = [  # (solver, steps) -> NFE: euler/ddim 1 per step, heun 2 per step - 1, dpmpp_2m 1 per step
-    ("euler", 1), ("euler", 2), ("heun", 2), ("euler", 4), ("dpmpp_2m", 2), ("dpmpp_2m", 4), ("heun", 3),
-    ("dpmpp_2m", 8), ("heun", 18),
+    ("euler", 1),
+    ("euler", 2),
+    ("heun", 2),
+    ("euler", 4),
+    ("dpmpp_2m", 2),
+    ("dpmpp_2m", 4),
+    ("heun", 3),
+    ("dpmpp_2m", 8),
+    ("heun", 18),
 ]
 
 
 def teacher_network(data: str, workdir: str):
-    from configs import digits, toy2d_edm
+    from difflax.configs import digits, toy2d_edm
 
     config = digits.get_config() if data == "digits" else toy2d_edm.get_config()
     config.train.save_every = 10**9
@@ -92,8 +103,9 @@ class Scorer:
 
 def straightness_of(denoise, process, x_T, steps=64):
     """Mean straightness of the sampler's paths (Euler on a fine uniform grid of the Flow reading)."""
-    _, info = difflax.sample(denoise, process, x_T, solver="euler", steps=steps, grid="uniform",
-                             return_trajectory=True, final_zero=False)
+    _, info = difflax.sample(
+        denoise, process, x_T, solver="euler", steps=steps, grid="uniform", return_trajectory=True, final_zero=False
+    )
     return float(jnp.mean(distill.straightness(info["trajectory"], info["ts"])))
 
 
@@ -106,7 +118,7 @@ def main():
     parser.add_argument("--dmd-time", type=float, default=None, help="DMD generator time (default t_max)")
     parser.add_argument("--dmd-lr", type=float, default=1e-4)
     parser.add_argument("--num", type=int, default=500, help="samples scored per row")
-    parser.add_argument("--methods", default="pd,cd,ct,reflow,dmd,guidance,advkd")
+    parser.add_argument("--methods", default="pd,cd,ct,reflow,dmd,meanflow,shortcut,scd,guidance,advkd")
     parser.add_argument("--workdir", default="workdir/distill")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
@@ -127,13 +139,16 @@ def main():
         fdd = score(x)
         rows.append({"method": method, "nfe": int(nfe), "distance": fdd, "train_seconds": seconds, **extra})
         images[f"{method} ({nfe})"] = np.asarray(x[:20] if args.data == "digits" else x[:1000])
-        print(f"{method:40s} NFE {nfe:3d}  distance {fdd:8.4f}" + (f"  train {seconds:7.1f}s" if seconds else ""),
-              flush=True)
+        print(
+            f"{method:40s} NFE {nfe:3d}  distance {fdd:8.4f}" + (f"  train {seconds:7.1f}s" if seconds else ""),
+            flush=True,
+        )
 
     teacher_denoise = teacher.denoiser(y=y)
     for solver, steps in TEACHER_BASELINES:
-        x, info = jax.jit(lambda x: difflax.sample(teacher_denoise, process, x, solver=solver, steps=steps,
-                                                   grid="karras"))(x_T)
+        x, info = jax.jit(
+            lambda x: difflax.sample(teacher_denoise, process, x, solver=solver, steps=steps, grid="karras")
+        )(x_T)
         record(f"teacher {solver} {steps} steps", int(info["nfe"]), x, teacher_seconds if steps == 18 else None)
 
     data = make_dataset(trainer.config.data.name, "train", trainer.config.data.get("image_size"))
@@ -145,52 +160,97 @@ def main():
         return jax.jit(lambda p, x: student.sample(p, k(99), x, y, **kw))(student.params, x_T)
 
     if "pd" in methods:
-        student = students.progressive(teacher, data, k(1), start_steps=args.pd_start, end_steps=4,
-                                       steps_per_round=args.steps)
+        student = students.progressive(
+            teacher, data, k(1), start_steps=args.pd_start, end_steps=4, steps_per_round=args.steps
+        )
         record("progressive distillation", 4, sample(student), student.seconds)
-    for name, kwargs in (("cd", dict(distill_from_teacher=True)),
-                         ("ct", dict(distill_from_teacher=False, curriculum="ict", noise="lognormal",
-                                     weighting="inverse_gap", target_ema=0.0))):
+    for name, kwargs in (
+        ("cd", dict(distill_from_teacher=True)),
+        (
+            "ct",
+            dict(
+                distill_from_teacher=False, curriculum="ict", noise="lognormal", weighting="inverse_gap", target_ema=0.0
+            ),
+        ),
+    ):
         if name in methods:
             student = students.consistency(teacher, data, k(2), steps=args.steps, **kwargs)
             label = "consistency distillation" if name == "cd" else "consistency training (iCT recipe)"
             for n in (1, 2):
                 record(label, n, sample(student, steps=n), student.seconds)
     if "reflow" in methods:
-        student, _ = students.reflow(teacher, k(3), num_pairs=args.pairs, steps=args.steps,
-                                         pairs_path=os.path.join(args.workdir, f"pairs_{args.data}"))
+        student, _ = students.reflow(
+            teacher,
+            k(3),
+            num_pairs=args.pairs,
+            steps=args.steps,
+            pairs_path=os.path.join(args.workdir, f"pairs_{args.data}"),
+        )
         flow = students.flow_of(process)
         z = x_T * flow.sigma(flow.t_max) / process.sigma(jnp.asarray(process.t_max, jnp.float32))
         before = straightness_of(teacher.denoiser(y=y, process=flow), flow, z)
         after = straightness_of(teacher.denoiser(student.params, y, process=flow), flow, z)
         for n in (1, 2, 4):
-            record("reflow", n, sample(student, steps=n), student.seconds, straightness_teacher=before,
-                   straightness_student=after)
+            record(
+                "reflow",
+                n,
+                sample(student, steps=n),
+                student.seconds,
+                straightness_teacher=before,
+                straightness_student=after,
+            )
     if "dmd" in methods:
-        student = students.dmd(teacher, k(4), steps=args.steps, learning_rate=args.dmd_lr,
-                               generator_time=args.dmd_time)
+        student = students.dmd(teacher, k(4), steps=args.steps, learning_rate=args.dmd_lr, generator_time=args.dmd_time)
         record("DMD", 1, sample(student), student.seconds)
+    for name in ("meanflow", "shortcut"):
+        if name in methods:
+            student = getattr(students, name)(teacher, data, k(7), steps=args.steps)
+            for n in (1, 2, 4):
+                record(name if name == "meanflow" else "shortcut model", n, sample(student, steps=n), student.seconds)
+    if "scd" in methods:
+        student = students.scm(teacher, data, k(8), steps=args.steps)
+        for n in (1, 2):
+            record("sCM distillation", n, sample(student, steps=n), student.seconds)
     if "guidance" in methods and teacher.num_classes is not None:
         w = 1.0
-        student = students.guidance(teacher, data, k(5), steps=args.steps,
-                                    sample_t=lambda kk, shape: builders.sample_t(trainer.config.loss, kk, shape,
-                                                                                 process))
-        guided = difflax.guidance.cfg(lambda x, t, yy: teacher.denoiser(y=yy)(x, t), y, w,
-                                      null=teacher.num_classes, convention="w")
+        student = students.guidance(
+            teacher,
+            data,
+            k(5),
+            steps=args.steps,
+            sample_t=lambda kk, shape: builders.sample_t(trainer.config.loss, kk, shape, process),
+        )
+        guided = difflax.guidance.cfg(
+            lambda x, t, yy: teacher.denoiser(y=yy)(x, t), y, w, null=teacher.num_classes, convention="w"
+        )
         for steps in (18, 4):
             x, info = jax.jit(lambda x: difflax.sample(guided, process, x, solver="heun", steps=steps))(x_T)
             record(f"teacher CFG w={w} heun {steps}", 2 * int(info["nfe"]), x)
-            record(f"guidance-distilled w={w} heun {steps}", int(info["nfe"]), sample(student, steps=steps, w=w),
-                   student.seconds)
+            record(
+                f"guidance-distilled w={w} heun {steps}",
+                int(info["nfe"]),
+                sample(student, steps=steps, w=w),
+                student.seconds,
+            )
     if "advkd" in methods:  # an unconditional student of the teacher's null-class (unconditional) denoiser
         from difflax.train.advkd import train_advkd
 
         uncond = teacher.denoiser()
         x, _ = jax.jit(lambda x: difflax.sample(uncond, process, x, solver="heun", steps=18))(x_T)
         record("teacher unconditional heun 18 steps", 35, x)
-        result = train_advkd(uncond, process, teacher.example_shape, k(6), steps=args.steps, solver="heun",
-                             teacher_steps=18, regression_weight=1.0, adversarial_weight=0.1, learning_rate=1e-3,
-                             critic_learning_rate=2e-3)
+        result = train_advkd(
+            uncond,
+            process,
+            teacher.example_shape,
+            k(6),
+            steps=args.steps,
+            solver="heun",
+            teacher_steps=18,
+            regression_weight=1.0,
+            adversarial_weight=0.1,
+            learning_rate=1e-3,
+            critic_learning_rate=2e-3,
+        )
         record("Adv-KD (unconditional; regression + WGAN-GP)", 1, result.from_noise(x_T), result.seconds)
 
     by_nfe = {}
@@ -205,12 +265,15 @@ def main():
         r["ratio_teacher_35"] = r["distance"] / reference
         r["ratio_teacher_same_nfe"] = r["distance"] / same
         secs = f"{r['train_seconds']:.0f}" if r["train_seconds"] else ""
-        print(f"{r['method']:40s} {r['nfe']:4d} {r['distance']:9.4f} {r['ratio_teacher_35']:10.2f} "
-              f"{r['ratio_teacher_same_nfe']:12.2f} {secs:>8s}")
+        print(
+            f"{r['method']:40s} {r['nfe']:4d} {r['distance']:9.4f} {r['ratio_teacher_35']:10.2f} "
+            f"{r['ratio_teacher_same_nfe']:12.2f} {secs:>8s}"
+        )
     out = Path(args.out)
     with open(out / f"distill_{args.data}.json", "w") as f:
-        json.dump({"data": args.data, "steps": args.steps, "num": args.num, "floor": score.floor, "rows": rows}, f,
-                  indent=2)
+        json.dump(
+            {"data": args.data, "steps": args.steps, "num": args.num, "floor": score.floor, "rows": rows}, f, indent=2
+        )
     plot(images, out / f"distill_{args.data}.png", args.data)
 
 

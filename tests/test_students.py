@@ -36,8 +36,11 @@ def _denoising_loss(net, params, batch, key):
     y = difflax.losses.drop_condition(k_y, batch["y"], 0.2, NULL)
     t = difflax.losses.sample_t_edm(k_t, (x0.shape[0],), net.process)
     eps = jax.random.normal(k_eps, x0.shape)
-    return jnp.mean(difflax.losses.denoising_loss(net.denoiser(params, y), net.process, x0, t, eps, prediction="x0",
-                                                  weighting="edm"))
+    return jnp.mean(
+        difflax.losses.denoising_loss(
+            net.denoiser(params, y), net.process, x0, t, eps, prediction="x0", weighting="edm"
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +48,15 @@ def teacher(data):
     """A small class-conditional EDM-preconditioned MLP on the toy grid, briefly trained with label dropout
     (so that its conditional and null-class predictions differ, as classifier-free guidance needs)."""
     net = _untrained_teacher()
-    state, _ = fit(lambda p, batch, k, state: (_denoising_loss(net, p, batch, k), {}), net.params,
-                   students.optimizer(3e-3, TEACHER_STEPS, warmup=20), lambda step: data.batch(0, step, 64),
-                   TEACHER_STEPS, key=jax.random.key(11), log_every=TEACHER_STEPS)
+    state, _ = fit(
+        lambda p, batch, k, state: (_denoising_loss(net, p, batch, k), {}),
+        net.params,
+        students.optimizer(3e-3, TEACHER_STEPS, warmup=20),
+        lambda step: data.batch(0, step, 64),
+        TEACHER_STEPS,
+        key=jax.random.key(11),
+        log_every=TEACHER_STEPS,
+    )
     return students.Network(net.model, state.params, net.process, "edm", (2,))
 
 
@@ -84,8 +93,16 @@ def test_teacher_learned_the_data(teacher, data):
 
 def test_progressive_runner_halves_steps(teacher, data, evaluation):
     """The 2-step student is closer to the teacher's 8-step DDIM sampler than the teacher's own 2 steps."""
-    student = students.progressive(teacher, data, jax.random.key(2), start_steps=8, end_steps=2,
-                                   steps_per_round=100, batch_size=32, learning_rate=1e-3)
+    student = students.progressive(
+        teacher,
+        data,
+        jax.random.key(2),
+        start_steps=8,
+        end_steps=2,
+        steps_per_round=100,
+        batch_size=32,
+        learning_rate=1e-3,
+    )
     assert sorted({h["round"] for h in student.history}) == [0, 1]  # 8 -> 4 -> 2
     x_T = teacher.process.prior_sample(jax.random.key(3), (6, 2))
     _check(student, x_T, jnp.arange(6) % 5, steps=2)
@@ -95,8 +112,9 @@ def test_progressive_runner_halves_steps(teacher, data, evaluation):
         students.progressive(teacher, data, jax.random.key(2), start_steps=12, end_steps=8)
     x_T, y = evaluation
     grid = difflax.make_grid("karras", teacher.process, 8)
-    target, _ = difflax.sample(teacher.denoiser(y=y), teacher.process, x_T, solver="ddim", grid=grid, steps=8,
-                               final_zero=True)
+    target, _ = difflax.sample(
+        teacher.denoiser(y=y), teacher.process, x_T, solver="ddim", grid=grid, steps=8, final_zero=True
+    )
     before = _rms(student.sample(teacher.params, None, x_T, y, steps=2), target)
     after = _rms(student.sample(student.params, None, x_T, y, steps=2), target)
     _closer(after, before, 0.7, "distance to the teacher's 8 DDIM steps")
@@ -108,8 +126,14 @@ def test_consistency_runner(teacher, data, evaluation, curriculum):
     step. Training (iCT) from a random network, no teacher: one step is closer to held-out data."""
     random_init = _untrained_teacher().params
     student = students.consistency(
-        teacher, data, jax.random.key(4), batch_size=32, curriculum=curriculum, learning_rate=1e-3,
-        distill_from_teacher=curriculum is None, steps=200 if curriculum is None else 100,
+        teacher,
+        data,
+        jax.random.key(4),
+        batch_size=32,
+        curriculum=curriculum,
+        learning_rate=1e-3,
+        distill_from_teacher=curriculum is None,
+        steps=200 if curriculum is None else 100,
         init_params_from=None if curriculum is None else random_init,
     )
     x_T = teacher.process.prior_sample(jax.random.key(3), (6, 2))
@@ -130,8 +154,16 @@ def test_consistency_runner(teacher, data, evaluation, curriculum):
 
 def test_reflow_runner_writes_pairs(teacher, evaluation, tmp_path):
     """One Euler step of the student lands closer to held-out teacher pairs than one step of the teacher's flow."""
-    student, pairs = students.reflow(teacher, jax.random.key(5), num_pairs=256, pair_steps=18, steps=200,
-                                     batch_size=64, learning_rate=3e-3, pairs_path=str(tmp_path / "pairs"))
+    student, pairs = students.reflow(
+        teacher,
+        jax.random.key(5),
+        num_pairs=256,
+        pair_steps=18,
+        steps=200,
+        batch_size=64,
+        learning_rate=3e-3,
+        pairs_path=str(tmp_path / "pairs"),
+    )
     stored = difflax.distill.load_trajectories(str(tmp_path / "pairs"))
     np.testing.assert_allclose(stored["x0"], pairs["x0"])
     np.testing.assert_allclose(stored["z"] * 80.0, stored["noise"], rtol=1e-5)
@@ -157,15 +189,22 @@ def test_reflow_student_starts_with_the_teachers_ode(teacher):
 
 
 def test_guidance_runner_starts_as_the_conditional_teacher(teacher, data):
-    student = students.guidance(teacher, data, jax.random.key(7), steps=0, batch_size=8,
-                                sample_t=lambda k, shape: jnp.full(shape, 1.0))
+    student = students.guidance(
+        teacher, data, jax.random.key(7), steps=0, batch_size=8, sample_t=lambda k, shape: jnp.full(shape, 1.0)
+    )
     x = jax.random.normal(jax.random.key(8), (6, 2))
     t, y = jnp.full((6,), 0.7), jnp.arange(6) % 5
     net = students.Network(teacher.model.clone(guidance_embedding=True), student.params, teacher.process, "edm", (2,))
-    np.testing.assert_allclose(net.denoiser(y=y, w=jnp.full((6,), 3.0))(x, t), teacher.denoiser(y=y)(x, t),
-                               rtol=1e-6)
-    trained = students.guidance(teacher, data, jax.random.key(7), steps=100, batch_size=32, learning_rate=1e-3,
-                                sample_t=lambda k, shape: jax.random.uniform(k, shape, minval=0.1, maxval=10.0))
+    np.testing.assert_allclose(net.denoiser(y=y, w=jnp.full((6,), 3.0))(x, t), teacher.denoiser(y=y)(x, t), rtol=1e-6)
+    trained = students.guidance(
+        teacher,
+        data,
+        jax.random.key(7),
+        steps=100,
+        batch_size=32,
+        learning_rate=1e-3,
+        sample_t=lambda k, shape: jax.random.uniform(k, shape, minval=0.1, maxval=10.0),
+    )
     _check(trained, teacher.process.prior_sample(jax.random.key(3), (6, 2)), y, steps=2, w=2.0)
     # one call of the trained student at w = 2 is closer to the guided teacher (1 + w) D_c - w D_null
     batch = data.batch(1, 0, 256)
@@ -192,6 +231,34 @@ def test_dmd_runner(teacher):
     _closer(after, before, 0.6, "energy distance of one-step samples to held-out teacher samples")
 
 
+@pytest.mark.parametrize("method", ["meanflow", "shortcut", "scm"])
+def test_few_step_runners(teacher, data, evaluation, method):
+    """MeanFlow, shortcut and sCM distillation start as the teacher and, after 200 steps, one step lands closer to
+    the teacher's probability-flow solution than the student's start (for MeanFlow and shortcut models: one Euler
+    step of the teacher's flow; for sCM: the teacher's denoiser at sigma_max)."""
+    student = getattr(students, method)(teacher, data, jax.random.key(4), steps=200, batch_size=32, learning_rate=1e-3)
+    x_T, y = evaluation
+    sample = jax.jit(student.sample, static_argnames="steps")
+    if method == "scm":
+        start = {"net": teacher.params, "weight": student.params["weight"]}
+        np.testing.assert_allclose(sample(start, None, x_T, y), teacher.denoiser(y=y)(x_T, 80.0), rtol=1e-5, atol=1e-6)
+    else:
+        start = students.with_scalar_input(teacher, jax.random.key(0))[1]
+        flow = students.flow_of(teacher.process)
+        z = x_T * flow.t_max / 80.0
+        velocity = difflax.parametrization.denoiser_to(teacher.denoiser(y=y, process=flow), flow, "velocity")
+        np.testing.assert_allclose(
+            sample(start, None, x_T, y), z - flow.t_max * velocity(z, flow.t_max), rtol=1e-4, atol=1e-5
+        )
+    assert student.history and all(np.isfinite(h["loss"]) for h in student.history)
+    for n in (2, 4) if method != "scm" else (2,):
+        assert bool(jnp.all(jnp.isfinite(sample(student.params, jax.random.key(1), x_T, y, steps=n))))
+    target, _ = difflax.sample(teacher.denoiser(y=y), teacher.process, x_T, solver="heun", steps=18)
+    before = _rms(sample(start, None, x_T, y), target)
+    after = _rms(sample(student.params, None, x_T, y), target)
+    _closer(after, before, 0.9 if method == "shortcut" else 0.85, "one-step distance to the probability-flow solution")
+
+
 def test_fit_resumes_exactly(tmp_path):
     """A run stopped at step 4 and resumed from its checkpoint ends where an uninterrupted run ends."""
     target = jnp.array([1.0, -2.0, 0.5])
@@ -207,8 +274,16 @@ def test_fit_resumes_exactly(tmp_path):
     full, _ = fit(loss_fn, jnp.zeros(3), tx, batches, 8, key=key, ema=0.9)
     ckpt = Checkpointer(str(tmp_path / "ckpt"), async_save=False)
     fit(loss_fn, jnp.zeros(3), tx, batches, 4, key=key, ema=0.9, checkpointer=ckpt)
-    resumed, _ = fit(loss_fn, jnp.zeros(3), tx, batches, 8, key=key, ema=0.9,
-                     checkpointer=Checkpointer(str(tmp_path / "ckpt"), async_save=False))
+    resumed, _ = fit(
+        loss_fn,
+        jnp.zeros(3),
+        tx,
+        batches,
+        8,
+        key=key,
+        ema=0.9,
+        checkpointer=Checkpointer(str(tmp_path / "ckpt"), async_save=False),
+    )
     assert int(resumed.step) == 8
     np.testing.assert_array_equal(resumed.params, full.params)
     np.testing.assert_array_equal(resumed.ema_params, full.ema_params)

@@ -34,8 +34,9 @@ def _sample_t(key, batch, process, t_range, dtype):
     uniform time would put almost every sample at the highest noise levels)."""
     lo = process.log_snr(jnp.asarray(process.t_max, dtype))
     hi = process.log_snr(jnp.asarray(process.t_min, dtype))
-    return sample_t_logsnr_uniform(key, (batch,), process, lo + t_range[0] * (hi - lo), lo + t_range[1] * (hi - lo),
-                                   dtype=dtype)
+    return sample_t_logsnr_uniform(
+        key, (batch,), process, lo + t_range[0] * (hi - lo), lo + t_range[1] * (hi - lo), dtype=dtype
+    )
 
 
 def dmd_generator_loss(x, real, fake, process, key, *, t_range=(0.02, 0.98), normalize: bool = True):

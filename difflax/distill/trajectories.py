@@ -48,8 +48,17 @@ def teacher_trajectories(
         raise ValueError(f"save_steps must lie in [0, steps={steps}]; got {save.tolist()}.")
     solver_obj = resolve_solver(solver, solver_args)
     ts, final_zero = resolve_grid(grid, solver_obj, process, steps, None)
-    x0, info = sample(denoise, process, x_T, solver=solver_obj, steps=steps, grid=ts, key=key,
-                      return_trajectory=True, final_zero=final_zero)
+    x0, info = sample(
+        denoise,
+        process,
+        x_T,
+        solver=solver_obj,
+        steps=steps,
+        grid=ts,
+        key=key,
+        return_trajectory=True,
+        final_zero=final_zero,
+    )
     traj = info["trajectory"]
     return {
         "noise": x_T,

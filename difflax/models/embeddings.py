@@ -109,10 +109,13 @@ class ConditionEmbedding(nn.Module):
     ``"fourier"`` uses :func:`fourier_features` (NCSN++ / DDPM++ of Song et al. 2021).
     The MLP is ``Dense(features) -> SiLU -> Dense(features)`` as in ADM and DiT. With
     ``num_classes`` set, ``y`` (int labels, ``None`` or the null class ``num_classes`` for
-    unconditional) adds a :class:`ClassEmbedding`. With ``guidance=True`` the guidance
-    strength ``w`` (``(batch,)``, ``None`` meaning 0) adds ``MLP(fourier(w))`` whose last layer
-    starts at zero, so a guidance-distillation student initialized from its teacher starts
-    as the teacher (Meng et al. 2023 embed ``w`` like the noise level). The result is float32.
+    unconditional) adds a :class:`ClassEmbedding`. With ``guidance=True`` an extra per-example
+    scalar ``w`` (``(batch,)``, ``None`` meaning 0) adds ``MLP(fourier(w))`` whose last layer
+    starts at zero, so a student initialized from its teacher starts as the teacher for every
+    ``w``. ``w`` is the guidance strength of guidance distillation (Meng et al. 2023 embed it like
+    the noise level), the interval ``t - r`` of MeanFlow's average velocity (Geng et al. 2025) or
+    the step size ``d`` of shortcut models (Frans et al. 2024). Models without it keep their
+    parameter trees. The result is float32.
     """
 
     features: int
@@ -178,5 +181,5 @@ class ConditionEmbedding(nn.Module):
             g = dense("guidance_in")(fourier_features(w, self.frequency_dim, scale=1.0, seed=1))
             c = c + dense("guidance_out", nn.initializers.zeros_init())(nn.silu(g)).astype(jnp.float32)
         elif w is not None:
-            raise ValueError("w (guidance strength) was given but the model has guidance_embedding=False.")
+            raise ValueError("w (the extra scalar condition) was given but the model has guidance_embedding=False.")
         return c

@@ -56,8 +56,9 @@ class MLPResNet(nn.Module):
     ``out_features`` per example). Conditioning, dtypes, ``self_condition`` and ``remat``
     work as in :class:`~difflax.models.unet.UNet`.
 
-    ``guidance_embedding=True`` adds the guidance strength ``w`` to the conditioning (guidance
-    distillation, Meng et al. 2023; see :class:`~difflax.models.embeddings.ConditionEmbedding`).
+    ``guidance_embedding=True`` adds an extra scalar ``w`` to the conditioning: the guidance strength
+    (guidance distillation, Meng et al. 2023), the interval ``t - r`` (MeanFlow) or the step size ``d``
+    (shortcut models); see :class:`~difflax.models.embeddings.ConditionEmbedding`.
     """
 
     features: int = 256

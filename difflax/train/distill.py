@@ -1,31 +1,36 @@
 """Training few-step students from a trained teacher network: one runner per distillation method.
 
-Each runner takes a :class:`Network` (a trained Flax model with what makes it a denoiser),
+Each runner takes a :class:`~difflax.train.students.Network` (a trained Flax model with what makes it a denoiser),
 trains a student with :func:`difflax.train.fit.fit` on a loss of :mod:`difflax.distill`,
-and returns a :class:`Student`: its parameters, its sampler and the training history.
+and returns a :class:`~difflax.train.students.Student`: its parameters, its sampler and the training history.
 Students start from the teacher's weights, as in every paper implemented here. (Adv-KD,
 whose student is a network of its own, is trained by :mod:`difflax.train.advkd`.)
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
-from flax import traverse_util
 
 import difflax
 from difflax import distill
-from difflax.processes import Flow
-from difflax.train.builders import init_params, make_apply, make_denoiser
 from difflax.train.fit import fit
-from difflax.train.optim import make_optimizer
+from difflax.train.flow_maps import meanflow, scm, shortcut
+from difflax.train.students import (
+    Network,
+    Student,
+    data_batches,
+    flow_of,
+    optimizer,
+    teacher_pairs,
+    with_scalar_input,
+)
 
+# The shared pieces (difflax.train.students) and the flow-map runners (difflax.train.flow_maps) are
+# exported here too, so that every runner is ``difflax.train.distill.<method>``.
 __all__ = [
     "Network",
     "Student",
@@ -33,104 +38,32 @@ __all__ = [
     "dmd",
     "flow_of",
     "guidance",
+    "meanflow",
     "optimizer",
     "progressive",
     "reflow",
+    "scm",
+    "shortcut",
     "teacher_pairs",
+    "with_scalar_input",
 ]
 
 
-@dataclasses.dataclass(frozen=True)
-class Network:
-    """A network and what turns it into a denoiser: ``model.apply(params, x, noise_scale * c, y, w=...)``."""
-
-    model: Any
-    params: Any
-    process: Any
-    prediction: str
-    example_shape: tuple
-    noise_scale: float = 1.0
-
-    @classmethod
-    def from_trainer(cls, trainer, params) -> Network:
-        return cls(trainer.model, params, trainer.process, trainer.config.model.prediction,
-                   tuple(trainer.example_shape), trainer.config.model.get("noise_scale", 1.0))
-
-    @property
-    def num_classes(self) -> int | None:
-        return getattr(self.model, "num_classes", None)
-
-    def apply(self, params=None, y=None, w=None):
-        """The raw network ``apply(x, c) -> F`` (labels ``y`` and guidance ``w`` closed over)."""
-        params = self.params if params is None else params
-        return make_apply(self.model, params, y, noise_scale=self.noise_scale, w=w)
-
-    def denoiser(self, params=None, y=None, w=None, process=None):
-        """``denoise(x_t, t)``; ``process`` reads an ``"edm"`` network on another process (same ODE)."""
-        process = self.process if process is None else process
-        if process is not self.process and self.prediction != "edm":
-            raise ValueError(f"only an 'edm' network can be read on another process; this one is {self.prediction!r}.")
-        params = self.params if params is None else params
-        return make_denoiser(self.model, params, process, self.prediction, y, noise_scale=self.noise_scale, w=w,
-                             sigma_data=getattr(self.process, "sigma_data", None))
-
-    def batch_labels(self, batch):
-        """The batch's labels if the network is class-conditional, else ``None``."""
-        return None if self.num_classes is None else batch["y"]
-
-    def labels(self, key, num):
-        """Balanced random labels for a conditional network, else ``None``."""
-        return None if self.num_classes is None else jax.random.randint(key, (num,), 0, self.num_classes)
-
-
-@dataclasses.dataclass(frozen=True)
-class Student:
-    """A trained student and its sampler ``sample(params, key, x_T, y=None, steps=...) -> x``.
-
-    ``x_T`` is a draw of the teacher's prior (``process.prior_sample``); ``steps`` is the
-    number of network calls where the method allows a choice; ``seconds`` is the training time.
-    """
-
-    method: str
-    params: Any
-    sample: Callable
-    seconds: float
-    history: list
-
-
-def optimizer(learning_rate: float, steps: int, warmup: int = 100, grad_clip: float = 1.0):
-    """Adam with warm-up, constant rate and clipping (the recipes' :func:`make_optimizer`)."""
-    config = ml_collections.ConfigDict(dict(
-        optimizer="adam", learning_rate=learning_rate, schedule="constant", warmup_steps=min(warmup, steps // 2),
-        b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip=grad_clip, grad_accum=1, max_nonfinite=20,
-    ))
-    return make_optimizer(config, steps)
-
-
-def _data_batches(data, batch_size, seed, extra=None):
-    def batches(step):
-        batch = dict(data.batch(seed, step, batch_size))
-        batch.update(extra or {})
-        return batch
-
-    return batches
-
-
-def teacher_pairs(teacher: Network, key, num: int, solver: str = "heun", steps: int = 18) -> dict:
-    """``num`` (noise, sample) pairs of the teacher's sampler from its prior, with balanced random labels
-    ``"y"`` for a conditional teacher (:func:`difflax.distill.teacher_trajectories`)."""
-    k_noise, k_label = jax.random.split(key)
-    x_T = teacher.process.prior_sample(k_noise, (num, *teacher.example_shape))
-    y = teacher.labels(k_label, num)
-    pairs = jax.jit(lambda x, yy: distill.teacher_trajectories(
-        teacher.denoiser(teacher.params, yy), teacher.process, x, steps=steps, solver=solver))(x_T, y)
-    return pairs if y is None else {**pairs, "y": y}
-
-
 # ------------------------------------------------------------------ progressive distillation
-def progressive(teacher: Network, data, key, *, start_steps: int = 32, end_steps: int = 4, steps_per_round: int = 500,
-                batch_size: int = 64, learning_rate: float = 2e-4, grid: str = "karras", weighting="truncated_snr",
-                seed: int = 0) -> Student:
+def progressive(
+    teacher: Network,
+    data,
+    key,
+    *,
+    start_steps: int = 32,
+    end_steps: int = 4,
+    steps_per_round: int = 500,
+    batch_size: int = 64,
+    learning_rate: float = 2e-4,
+    grid: str = "karras",
+    weighting="truncated_snr",
+    seed: int = 0,
+) -> Student:
     """Progressive distillation (Salimans & Ho 2022) from ``start_steps`` DDIM steps down to ``end_steps``.
 
     Each round halves the steps: the student (initialized from the current teacher) learns
@@ -151,10 +84,17 @@ def progressive(teacher: Network, data, key, *, start_steps: int = 32, end_steps
             loss = distill.progressive_loss(student, tch, process, batch["x"], k, teacher_ts, weighting=weighting)
             return jnp.mean(loss), {}
 
-        batches = _data_batches(data, batch_size, seed + rnd, {"teacher": params})
-        state, hist = fit(loss_fn, params, optimizer(learning_rate, steps_per_round), batches, steps_per_round,
-                          key=jax.random.fold_in(key, rnd), log_every=max(steps_per_round // 5, 1),
-                          desc=f"progressive {ts.shape[0] - 1}->{(ts.shape[0] - 1) // 2}")
+        batches = data_batches(data, batch_size, seed + rnd, {"teacher": params})
+        state, hist = fit(
+            loss_fn,
+            params,
+            optimizer(learning_rate, steps_per_round),
+            batches,
+            steps_per_round,
+            key=jax.random.fold_in(key, rnd),
+            log_every=max(steps_per_round // 5, 1),
+            desc=f"progressive {ts.shape[0] - 1}->{(ts.shape[0] - 1) // 2}",
+        )
         params = state.params
         ts = distill.student_grid(teacher_ts)
         history += [{**h, "round": rnd} for h in hist]
@@ -164,18 +104,34 @@ def progressive(teacher: Network, data, key, *, start_steps: int = 32, end_steps
     def sample(p, k, x_T, y=None, steps=end_steps):
         if steps != end_steps:
             raise ValueError(f"this student was distilled for {end_steps} steps; got steps={steps}.")
-        return difflax.sample(teacher.denoiser(p, y), process, x_T, solver="ddim", grid=final_ts,
-                              steps=end_steps, final_zero=True)[0]
+        return difflax.sample(
+            teacher.denoiser(p, y), process, x_T, solver="ddim", grid=final_ts, steps=end_steps, final_zero=True
+        )[0]
 
     return Student("progressive", params, sample, time.perf_counter() - start, history)
 
 
 # ------------------------------------------------------------------ consistency distillation / training
-def consistency(teacher: Network, data, key, *, distill_from_teacher: bool = True, steps: int = 1000,
-                num_levels: int = 18, curriculum: str | None = None, batch_size: int = 64,
-                learning_rate: float = 2e-4, target_ema: float = 0.95, distance: str = "pseudo_huber",
-                weighting: str = "uniform", noise: str = "uniform", method: str = "heun", mid_level: float = 0.821,
-                seed: int = 0, init_params_from=None) -> Student:
+def consistency(
+    teacher: Network,
+    data,
+    key,
+    *,
+    distill_from_teacher: bool = True,
+    steps: int = 1000,
+    num_levels: int = 18,
+    curriculum: str | None = None,
+    batch_size: int = 64,
+    learning_rate: float = 2e-4,
+    target_ema: float = 0.95,
+    distance: str = "pseudo_huber",
+    weighting: str = "uniform",
+    noise: str = "uniform",
+    method: str = "heun",
+    mid_level: float = 0.821,
+    seed: int = 0,
+    init_params_from=None,
+) -> Student:
     """Consistency distillation (``distill_from_teacher=True``) or training (Song et al. 2023; 2024).
 
     ``curriculum``: ``None`` (fixed ``num_levels``), ``"ct"`` (Song et al. 2023, with the
@@ -218,17 +174,35 @@ def consistency(teacher: Network, data, key, *, distill_from_teacher: bool = Tru
         y = teacher.batch_labels(batch)
         tch = teacher.denoiser(batch["teacher"], y) if distill_from_teacher else None
         loss = distill.consistency_loss(
-            f(p, y), f(state.ema_params, y), process, batch["x"], k, num_levels=levels_at(state.step),
-            max_levels=max_levels, teacher=tch, method=method, distance_kind=distance, weighting=weighting,
+            f(p, y),
+            f(state.ema_params, y),
+            process,
+            batch["x"],
+            k,
+            num_levels=levels_at(state.step),
+            max_levels=max_levels,
+            teacher=tch,
+            method=method,
+            distance_kind=distance,
+            weighting=weighting,
             noise=noise,
         )
         return jnp.mean(loss), {}
 
     start = time.perf_counter()
     params = teacher.params if init_params_from is None else init_params_from
-    batches = _data_batches(data, batch_size, seed, {"teacher": teacher.params} if distill_from_teacher else None)
-    state, history = fit(loss_fn, params, optimizer(learning_rate, steps), batches, steps, key=key, ema=ema,
-                         log_every=max(steps // 10, 1), desc="consistency")
+    batches = data_batches(data, batch_size, seed, {"teacher": teacher.params} if distill_from_teacher else None)
+    state, history = fit(
+        loss_fn,
+        params,
+        optimizer(learning_rate, steps),
+        batches,
+        steps,
+        key=key,
+        ema=ema,
+        log_every=max(steps // 10, 1),
+        desc="consistency",
+    )
     t_mid = process.t_from_log_snr(-2.0 * jnp.log(jnp.asarray(mid_level, jnp.float32)))
 
     def sample(p, k, x_T, y=None, steps=1):
@@ -239,9 +213,19 @@ def consistency(teacher: Network, data, key, *, distill_from_teacher: bool = Tru
 
 
 # ------------------------------------------------------------------ reflow
-def reflow(teacher: Network, key, *, num_pairs: int = 4096, pair_solver: str = "heun", pair_steps: int = 18,
-           steps: int = 1000, batch_size: int = 64, learning_rate: float = 2e-4, pairs_path: str | None = None,
-           seed: int = 0) -> tuple[Student, dict]:
+def reflow(
+    teacher: Network,
+    key,
+    *,
+    num_pairs: int = 4096,
+    pair_solver: str = "heun",
+    pair_steps: int = 18,
+    steps: int = 1000,
+    batch_size: int = 64,
+    learning_rate: float = 2e-4,
+    pairs_path: str | None = None,
+    seed: int = 0,
+) -> tuple[Student, dict]:
     """Reflow (Liu et al. 2023): a flow trained on the teacher's (noise, sample) couplings.
 
     The student is the teacher's network read on the :class:`~difflax.processes.Flow` of
@@ -268,34 +252,41 @@ def reflow(teacher: Network, key, *, num_pairs: int = 4096, pair_solver: str = "
         return jnp.mean(distill.reflow_loss(student, batch["x0"], batch["z"], k, process=flow)), {}
 
     start = time.perf_counter()
-    state, history = fit(loss_fn, teacher.params, optimizer(learning_rate, steps), batches, steps, key=k_fit,
-                         log_every=max(steps // 10, 1), desc="reflow")
+    state, history = fit(
+        loss_fn,
+        teacher.params,
+        optimizer(learning_rate, steps),
+        batches,
+        steps,
+        key=k_fit,
+        log_every=max(steps // 10, 1),
+        desc="reflow",
+    )
 
     scale = flow.sigma(jnp.asarray(flow.t_max, jnp.float32)) / process.sigma(jnp.asarray(process.t_max, jnp.float32))
 
     def sample(p, k, x_T, y=None, steps=1):
-        return difflax.sample(teacher.denoiser(p, y, process=flow), flow, scale * x_T, solver="euler",
-                              steps=steps, grid="uniform")[0]
+        return difflax.sample(
+            teacher.denoiser(p, y, process=flow), flow, scale * x_T, solver="euler", steps=steps, grid="uniform"
+        )[0]
 
     return Student("reflow", state.params, sample, time.perf_counter() - start, history), pairs
 
 
-def flow_of(process) -> Flow:
-    """The rectified-flow process spanning the same noise levels ``s = sigma / alpha`` as ``process``.
-
-    ``Flow`` has ``s = t / (1 - t)``, so ``t = s / (1 + s)``; ending below ``t = 1`` keeps
-    ``alpha > 0``, which an EDM-preconditioned network read on the flow needs. A ``Flow``
-    is returned as is.
-    """
-    if isinstance(process, Flow):
-        return process
-    levels = [float(process.sigma(t) / process.alpha(t)) for t in (process.t_min, process.t_max)]
-    return Flow(t_min=levels[0] / (1.0 + levels[0]), t_max=levels[1] / (1.0 + levels[1]))
-
-
 # ------------------------------------------------------------------ guidance distillation
-def guidance(teacher: Network, data, key, *, sample_t: Callable, steps: int = 1000, w_range=(0.0, 4.0),
-             batch_size: int = 64, learning_rate: float = 2e-4, weighting: str = "snr+1", seed: int = 0) -> Student:
+def guidance(
+    teacher: Network,
+    data,
+    key,
+    *,
+    sample_t: Callable,
+    steps: int = 1000,
+    w_range=(0.0, 4.0),
+    batch_size: int = 64,
+    learning_rate: float = 2e-4,
+    weighting: str = "snr+1",
+    seed: int = 0,
+) -> Student:
     """Guidance distillation (Meng et al. 2023, stage one) of a class-conditional teacher.
 
     The student is the teacher's architecture with ``guidance_embedding=True``, initialized
@@ -307,12 +298,8 @@ def guidance(teacher: Network, data, key, *, sample_t: Callable, steps: int = 10
     if teacher.num_classes is None:
         raise ValueError("guidance distillation needs a class-conditional teacher (model.num_classes set).")
     process = teacher.process
-    model = teacher.model.clone(guidance_embedding=True)
     k_init, k_fit = jax.random.split(key)
-    fresh = traverse_util.flatten_dict(init_params(model, k_init, teacher.example_shape, True))
-    fresh.update(traverse_util.flatten_dict(teacher.params))
-    params = traverse_util.unflatten_dict(fresh)
-    student_net = dataclasses.replace(teacher, model=model)
+    student_net, params = with_scalar_input(teacher, k_init)
     null = teacher.num_classes
 
     def loss_fn(p, batch, k, state):
@@ -326,14 +313,24 @@ def guidance(teacher: Network, data, key, *, sample_t: Callable, steps: int = 10
         def tch(z, tt, yy):
             return teacher.denoiser(batch["teacher"], yy)(z, tt)
 
-        loss = distill.guidance_distillation_loss(student, tch, y, process, x0, t, k_loss, null=null,
-                                                  w_range=w_range, weighting=weighting)
+        loss = distill.guidance_distillation_loss(
+            student, tch, y, process, x0, t, k_loss, null=null, w_range=w_range, weighting=weighting
+        )
         return jnp.mean(loss), {}
 
     start = time.perf_counter()
-    batches = _data_batches(data, batch_size, seed, {"teacher": teacher.params})
-    state, history = fit(loss_fn, params, optimizer(learning_rate, steps), batches, steps, key=k_fit,
-                         log_every=max(steps // 10, 1), desc="guidance")
+    batches = data_batches(data, batch_size, seed, {"teacher": teacher.params})
+    state, history = fit(
+        loss_fn,
+        params,
+        optimizer(learning_rate, steps),
+        batches,
+        steps,
+        key=k_fit,
+        log_every=max(steps // 10, 1),
+        desc="guidance",
+    )
+
     def sample(p, k, x_T, y=None, steps=18, w=1.0, solver="heun", grid="karras"):
         w = jnp.full((x_T.shape[0],), w, jnp.float32)
         return difflax.sample(student_net.denoiser(p, y, w), process, x_T, solver=solver, steps=steps, grid=grid)[0]
@@ -342,9 +339,21 @@ def guidance(teacher: Network, data, key, *, sample_t: Callable, steps: int = 10
 
 
 # ------------------------------------------------------------------ distribution matching distillation
-def dmd(teacher: Network, key, *, steps: int = 1000, batch_size: int = 64, learning_rate: float = 1e-4,
-        num_pairs: int = 1024, pair_solver: str = "heun", pair_steps: int = 18, regression_weight: float = 0.25,
-        fake_weighting: str = "edm", generator_time: float | None = None, seed: int = 0) -> Student:
+def dmd(
+    teacher: Network,
+    key,
+    *,
+    steps: int = 1000,
+    batch_size: int = 64,
+    learning_rate: float = 1e-4,
+    num_pairs: int = 1024,
+    pair_solver: str = "heun",
+    pair_steps: int = 18,
+    regression_weight: float = 0.25,
+    fake_weighting: str = "edm",
+    generator_time: float | None = None,
+    seed: int = 0,
+) -> Student:
     """Distribution matching distillation (Yin et al. 2024) into a one-step generator.
 
     The generator is the teacher's network evaluated once, ``G(x_T) = D(x_T sigma(t_g) / sigma(t_max), t_g)``
@@ -382,16 +391,26 @@ def dmd(teacher: Network, key, *, steps: int = 1000, batch_size: int = 64, learn
         real = teacher.denoiser(batch["teacher"], y)
         fake_frozen = teacher.denoiser(jax.lax.stop_gradient(p["fake"]), y)
         l_gen = jnp.mean(distill.dmd_generator_loss(x, real, fake_frozen, process, k_gen))
-        l_fake = jnp.mean(distill.dmd_fake_loss(teacher.denoiser(p["fake"], y), process, x, k_fake,
-                                                weighting=fake_weighting))
-        l_reg = jnp.mean(distill.dmd_regression_loss(generate(p["gen"], batch["noise"], batch.get("y_ref")),
-                                                     batch["x0"]))
+        l_fake = jnp.mean(
+            distill.dmd_fake_loss(teacher.denoiser(p["fake"], y), process, x, k_fake, weighting=fake_weighting)
+        )
+        l_reg = jnp.mean(
+            distill.dmd_regression_loss(generate(p["gen"], batch["noise"], batch.get("y_ref")), batch["x0"])
+        )
         return l_gen + l_fake + regression_weight * l_reg, {"gen": l_gen, "fake": l_fake, "regression": l_reg}
 
     start = time.perf_counter()
     params = {"gen": teacher.params, "fake": teacher.params}
-    state, history = fit(loss_fn, params, optimizer(learning_rate, steps), batches, steps, key=k_fit,
-                         log_every=max(steps // 10, 1), desc="dmd")
+    state, history = fit(
+        loss_fn,
+        params,
+        optimizer(learning_rate, steps),
+        batches,
+        steps,
+        key=k_fit,
+        log_every=max(steps // 10, 1),
+        desc="dmd",
+    )
 
     def sample(p, k, x_T, y=None, steps=1):
         if steps != 1:
