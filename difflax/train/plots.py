@@ -1,4 +1,7 @@
-"""Figures of a run: samples beside real data, sampling trajectories, loss curves (matplotlib, Agg backend).
+"""Figures of a run: samples beside real data, sampling trajectories, loss curves.
+
+Figures are drawn on matplotlib's Agg canvas directly, without pyplot, so writing them leaves the
+caller's backend (a notebook's inline plots) alone.
 
 Images are tiled in ``cols`` columns (the number of classes for a class-conditional model,
 whose samples cycle through the classes, so each column is one class); 2-D points are
@@ -12,13 +15,14 @@ import numpy as np
 __all__ = ["loss_curve", "sample_grid", "trajectory_gif"]
 
 
-def _pyplot():
-    import matplotlib
+def _figure(figsize):
+    """A figure on its own Agg canvas (no pyplot state; garbage-collected like any object)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _tile(images: np.ndarray, cols: int) -> np.ndarray:
@@ -55,17 +59,16 @@ def _draw(ax, data: np.ndarray, cols: int, limits) -> None:
 
 def sample_grid(samples: np.ndarray, real: np.ndarray, path: str, title: str = "", cols: int | None = None) -> None:
     """Generated samples beside real data: image grids in ``cols`` columns, or 2-D scatter plots on shared axes."""
-    plt = _pyplot()
     cols = cols or int(np.ceil(np.sqrt(len(samples))))
     limits = _limits(samples, real) if samples.ndim == 2 else None
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4.8))
+    fig = _figure((9, 4.8))
+    axes = fig.subplots(1, 2)
     for ax, data, name in ((axes[0], samples, "generated"), (axes[1], real, "real")):
         _draw(ax, data, cols, limits)
         ax.set_title(f"{name} ({len(data)})")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def trajectory_gif(frames: np.ndarray, times: np.ndarray, path: str, cols: int | None = None, fps: int = 6) -> None:
@@ -76,14 +79,14 @@ def trajectory_gif(frames: np.ndarray, times: np.ndarray, path: str, cols: int |
     """
     from matplotlib.animation import FuncAnimation, PillowWriter
 
-    plt = _pyplot()
     frames = np.asarray(frames, np.float32)
     if frames.ndim > 3:
         spread = frames.reshape(len(frames), -1).std(axis=1)
         frames = frames * np.minimum(1.0, spread[-1] / np.maximum(spread, 1e-12)).reshape(-1, *[1] * (frames.ndim - 1))
     cols = cols or int(np.ceil(np.sqrt(frames.shape[1])))
     limits = _limits(frames[-1], frames[0]) if frames.ndim == 3 else None
-    fig, ax = plt.subplots(figsize=(4.8, 4.8))
+    fig = _figure((4.8, 4.8))
+    ax = fig.subplots()
 
     def show(k):
         ax.clear()
@@ -92,15 +95,14 @@ def trajectory_gif(frames: np.ndarray, times: np.ndarray, path: str, cols: int |
 
     animation = FuncAnimation(fig, show, frames=len(frames))
     animation.save(path, writer=PillowWriter(fps=fps))
-    plt.close(fig)
 
 
 def loss_curve(records: list[dict], path: str) -> None:
     """Training loss against step: a log scale when it spans more than a decade, plain tick labels either way."""
     from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.4))
+    fig = _figure((5, 3.4))
+    ax = fig.subplots()
     losses = [r["loss"] for r in records if r["loss"] > 0]
     if records:
         ax.plot([r["step"] for r in records], [r["loss"] for r in records])
@@ -116,4 +118,3 @@ def loss_curve(records: list[dict], path: str) -> None:
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
