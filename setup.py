@@ -63,6 +63,9 @@ setup(
             "nbformat>=5.10",
             "ipykernel>=6.29",
             "equinox>=0.11",
+            # tests/test_install.py builds a wheel without build isolation (no index at test time);
+            # setuptools builds wheels by itself from 70.1 on.
+            "setuptools>=70.1",
         ],
         "tfds": ["tensorflow-datasets>=4.9.7", "grain>=0.2.2"],
         # CPU torch must be installed first (pip install torch==2.13.0) so that this

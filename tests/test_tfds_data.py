@@ -275,6 +275,8 @@ def test_recipe_builds(recipe):
 
 def test_a_recipe_on_unprepared_data_says_how_to_prepare_it(tmp_path, monkeypatch):
     """No download is attempted; the one-line error gives the preparation command."""
+    pytest.importorskip("tensorflow_datasets")
+    pytest.importorskip("grain")
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"'cifar10' is not prepared .*tfds build cifar10 "
                                                 r"--file_format=array_record"):
