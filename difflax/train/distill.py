@@ -23,6 +23,7 @@ from difflax.train.students import (
     Network,
     Student,
     data_batches,
+    fit_student,
     flow_of,
     optimizer,
     teacher_pairs,
@@ -192,17 +193,7 @@ def consistency(
     start = time.perf_counter()
     params = teacher.params if init_params_from is None else init_params_from
     batches = data_batches(data, batch_size, seed, {"teacher": teacher.params} if distill_from_teacher else None)
-    state, history = fit(
-        loss_fn,
-        params,
-        optimizer(learning_rate, steps),
-        batches,
-        steps,
-        key=key,
-        ema=ema,
-        log_every=max(steps // 10, 1),
-        desc="consistency",
-    )
+    state, history = fit_student(loss_fn, params, batches, steps, learning_rate, key, "consistency", ema=ema)
     t_mid = process.t_from_log_snr(-2.0 * jnp.log(jnp.asarray(mid_level, jnp.float32)))
 
     def sample(p, k, x_T, y=None, steps=1):
@@ -252,16 +243,7 @@ def reflow(
         return jnp.mean(distill.reflow_loss(student, batch["x0"], batch["z"], k, process=flow)), {}
 
     start = time.perf_counter()
-    state, history = fit(
-        loss_fn,
-        teacher.params,
-        optimizer(learning_rate, steps),
-        batches,
-        steps,
-        key=k_fit,
-        log_every=max(steps // 10, 1),
-        desc="reflow",
-    )
+    state, history = fit_student(loss_fn, teacher.params, batches, steps, learning_rate, k_fit, "reflow")
 
     scale = flow.sigma(jnp.asarray(flow.t_max, jnp.float32)) / process.sigma(jnp.asarray(process.t_max, jnp.float32))
 
@@ -320,16 +302,7 @@ def guidance(
 
     start = time.perf_counter()
     batches = data_batches(data, batch_size, seed, {"teacher": teacher.params})
-    state, history = fit(
-        loss_fn,
-        params,
-        optimizer(learning_rate, steps),
-        batches,
-        steps,
-        key=k_fit,
-        log_every=max(steps // 10, 1),
-        desc="guidance",
-    )
+    state, history = fit_student(loss_fn, params, batches, steps, learning_rate, k_fit, "guidance")
 
     def sample(p, k, x_T, y=None, steps=18, w=1.0, solver="heun", grid="karras"):
         w = jnp.full((x_T.shape[0],), w, jnp.float32)
@@ -401,16 +374,7 @@ def dmd(
 
     start = time.perf_counter()
     params = {"gen": teacher.params, "fake": teacher.params}
-    state, history = fit(
-        loss_fn,
-        params,
-        optimizer(learning_rate, steps),
-        batches,
-        steps,
-        key=k_fit,
-        log_every=max(steps // 10, 1),
-        desc="dmd",
-    )
+    state, history = fit_student(loss_fn, params, batches, steps, learning_rate, k_fit, "dmd")
 
     def sample(p, k, x_T, y=None, steps=1):
         if steps != 1:

@@ -14,8 +14,7 @@ import jax.numpy as jnp
 from difflax import distill
 from difflax.models.embeddings import fourier_features
 from difflax.parametrization import denoiser_to
-from difflax.train.fit import fit
-from difflax.train.students import Network, Student, data_batches, flow_of, optimizer, with_scalar_input
+from difflax.train.students import Network, Student, data_batches, fit_student, flow_of, with_scalar_input
 
 __all__ = ["meanflow", "scm", "shortcut"]
 
@@ -57,16 +56,7 @@ def _average_velocity_student(
 
     start = time.perf_counter()
     batches = data_batches(data, batch_size, seed, {"teacher": teacher.params} if distill_from_teacher else None)
-    state, history = fit(
-        loss_fn,
-        params,
-        optimizer(learning_rate, steps),
-        batches,
-        steps,
-        key=k_fit,
-        log_every=max(steps // 10, 1),
-        desc=method,
-    )
+    state, history = fit_student(loss_fn, params, batches, steps, learning_rate, k_fit, method)
     scale = flow.sigma(jnp.asarray(flow.t_max, jnp.float32)) / process.sigma(jnp.asarray(process.t_max, jnp.float32))
 
     def sample(p, k, x_T, y=None, steps=1):
@@ -232,16 +222,7 @@ def scm(
     start = time.perf_counter()
     params = {"net": teacher.params, "weight": {"w": jnp.zeros((num_features,)), "b": jnp.zeros(())}}
     batches = data_batches(data, batch_size, seed, {"teacher": teacher.params} if distill_from_teacher else None)
-    state, history = fit(
-        loss_fn,
-        params,
-        optimizer(learning_rate, steps),
-        batches,
-        steps,
-        key=key,
-        log_every=max(steps // 10, 1),
-        desc="scm",
-    )
+    state, history = fit_student(loss_fn, params, batches, steps, learning_rate, key, "scm")
     t_mid = process.t_from_log_snr(-2.0 * jnp.log(sd * jnp.tan(jnp.asarray(mid_time, jnp.float32))))
 
     def sample(p, k, x_T, y=None, steps=1):

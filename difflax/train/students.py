@@ -17,9 +17,19 @@ from flax import traverse_util
 from difflax import distill
 from difflax.processes import Flow
 from difflax.train.builders import init_params, make_apply, make_denoiser
+from difflax.train.fit import fit
 from difflax.train.optim import make_optimizer
 
-__all__ = ["Network", "Student", "data_batches", "flow_of", "optimizer", "teacher_pairs", "with_scalar_input"]
+__all__ = [
+    "Network",
+    "Student",
+    "data_batches",
+    "fit_student",
+    "flow_of",
+    "optimizer",
+    "teacher_pairs",
+    "with_scalar_input",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +122,15 @@ def optimizer(learning_rate: float, steps: int, warmup: int = 100, grad_clip: fl
         )
     )
     return make_optimizer(config, steps)
+
+
+def fit_student(loss_fn, params, batches, steps: int, learning_rate: float, key, desc: str, **kwargs):
+    """:func:`difflax.train.fit.fit` as every runner calls it: :func:`optimizer` at ``learning_rate``, a log
+    record every tenth of the run; ``kwargs`` (e.g. ``ema``) go to ``fit``."""
+    return fit(
+        loss_fn, params, optimizer(learning_rate, steps), batches, steps,
+        key=key, log_every=max(steps // 10, 1), desc=desc, **kwargs,
+    )  # fmt: skip
 
 
 def data_batches(data, batch_size, seed, extra=None):
