@@ -16,21 +16,17 @@ import sys
 
 from absl import app, flags, logging
 
+from difflax.cli.run_flags import define_run_flags, sampler_overrides
 from difflax.train import JOB_ERRORS
 from difflax.train.runs import evaluate_run
 
 
 def define_flags() -> None:
     """The job's flags, defined when it runs: importing this module defines none."""
-    flags.DEFINE_string("workdir", None, "The training run's work directory.", required=True)
-    flags.DEFINE_string("step", "latest", "Checkpoint: 'latest', 'best' or a step number.")
+    define_run_flags()
     flags.DEFINE_list("seeds", ["0", "1", "2"], "One full evaluation per seed.")
     flags.DEFINE_integer("num_samples", 1000, "Samples per seed.")
     flags.DEFINE_integer("batch_size", 500, "Samples per jitted batch.")
-    flags.DEFINE_string("solver", None, "Solver name (default: the recipe's sample.solver).")
-    flags.DEFINE_integer("steps", None, "Number of steps (default: sample.steps).")
-    flags.DEFINE_string("grid", None, "Time grid (default: sample.grid).")
-    flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (1: none).")
     flags.DEFINE_string("inception", None, "Local Inception weights (.npz) for FID on image datasets.")
     flags.DEFINE_string("reference_stats", None, "Reference feature statistics (.npz) for FID.")
 
@@ -42,13 +38,10 @@ def main(argv):
         report = evaluate_run(
             flags.FLAGS.workdir,
             flags.FLAGS.step,
+            **sampler_overrides(),
             seeds=flags.FLAGS.seeds,
             num_samples=flags.FLAGS.num_samples,
             batch_size=flags.FLAGS.batch_size,
-            solver=flags.FLAGS.solver,
-            steps=flags.FLAGS.steps,
-            grid=flags.FLAGS.grid,
-            guidance_scale=flags.FLAGS.guidance_scale,
             inception=flags.FLAGS.inception,
             reference_stats=flags.FLAGS.reference_stats,
         )

@@ -14,18 +14,14 @@ import sys
 
 from absl import app, flags, logging
 
+from difflax.cli.run_flags import define_run_flags, sampler_overrides
 from difflax.train import JOB_ERRORS
 from difflax.train.runs import sample_run
 
 
 def define_flags() -> None:
     """The job's flags, defined when it runs: importing this module defines none."""
-    flags.DEFINE_string("workdir", None, "The training run's work directory.", required=True)
-    flags.DEFINE_string("step", "latest", "Checkpoint: 'latest', 'best' or a step number.")
-    flags.DEFINE_string("solver", None, "Solver name (default: the recipe's sample.solver).")
-    flags.DEFINE_integer("steps", None, "Number of steps (default: sample.steps).")
-    flags.DEFINE_string("grid", None, "Time grid (default: sample.grid).")
-    flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (1: none).")
+    define_run_flags()
     flags.DEFINE_integer("num", 100, "Number of samples.")
     flags.DEFINE_integer("seed", 0, "Seed of the noise.")
     flags.DEFINE_bool("trajectory", False, "Also write an animated GIF of the sampling path.")
@@ -38,10 +34,7 @@ def main(argv):
         paths = sample_run(
             flags.FLAGS.workdir,
             flags.FLAGS.step,
-            solver=flags.FLAGS.solver,
-            steps=flags.FLAGS.steps,
-            grid=flags.FLAGS.grid,
-            guidance_scale=flags.FLAGS.guidance_scale,
+            **sampler_overrides(),
             num=flags.FLAGS.num,
             seed=flags.FLAGS.seed,
             trajectory=flags.FLAGS.trajectory,
