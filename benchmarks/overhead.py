@@ -25,7 +25,8 @@
    default grid) against ``N_fe`` back-to-back calls of the jitted network alone; median of the
    per-pair ratios over interleaved pairs.
 3. Compile time. XLA's compile time (CPU) of each jitted sampler of part 2 against that of the
-   jitted network alone, and how many copies of the network the optimized program holds (its
+   jitted network alone (as a ratio, and as the seconds the sampler adds, which do not grow with
+   the network), and how many copies of the network the optimized program holds (its
    convolutions, or for the DiT its dots, counted in the compiled HLO text, per network).
 
 XLA:CPU and torch each run one thread per op (``XLA_FLAGS`` below unless set, and
@@ -292,10 +293,11 @@ def overhead_markdown(cells):
 
 def network_markdown(rows):
     lines = ["| network | solver | NFE | network ms | sampler / (NFE x network) | compile: sampler / network "
-             "| network copies |", "|---|---|---|---|---|---|---|"]
+             "| compile added | network copies |", "|---|---|---|---|---|---|---|---|"]
     for name, label, nfe, t_net, ratio, compile_ratio, copies, net_compile in rows:
+        added = (compile_ratio - 1.0) * net_compile
         lines.append(f"| {name} | {label} | {nfe} | {t_net * 1e3:.2f} | {ratio:.3f} | "
-                     f"{compile_ratio:.2f}x (network {net_compile:.1f} s) | {copies:g} |")
+                     f"{compile_ratio:.2f}x (network {net_compile:.1f} s) | {added:+.2f} s | {copies:g} |")
     return lines
 
 

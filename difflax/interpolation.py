@@ -38,7 +38,10 @@ def interp_sorted(x, xp, fp):
     ``[xp[0], xp[-1]]`` (``fp[i-1]`` on a segment of zero width, as ``jnp.interp``):
     ``ceil(log2(len(xp)))`` gathers per element instead of a loop.
     """
-    i = jnp.clip(jnp.searchsorted(xp, x, side="right", method="scan_unrolled"), 1, xp.shape[0] - 1)
+    # One query (a sampler's time) compares against every knot in one vectorised pass; many
+    # queries (a batch of training times) search, ceil(log2(len(xp))) gathers each.
+    method = "compare_all" if jnp.size(x) == 1 else "scan_unrolled"
+    i = jnp.clip(jnp.searchsorted(xp, x, side="right", method=method), 1, xp.shape[0] - 1)
     lo, dx = xp[i - 1], xp[i] - xp[i - 1]
     wide = dx > 0
     f = fp[i - 1] + jnp.where(wide, (x - lo) / jnp.where(wide, dx, 1), 0) * (fp[i] - fp[i - 1])

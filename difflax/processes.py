@@ -85,7 +85,10 @@ def once_per_batch(fn, t):
 
     if t.ndim == 0 or t.shape[0] == 1:
         return full(fn(t))
-    return jax.lax.cond(jnp.all(t == t[0]), lambda: full(fn(t[0])), lambda: full(fn(t)))
+    # Compared as bits, so that XLA folds the test to true when t is a broadcast scalar (a sampler's
+    # time vector) and keeps only the first branch; a float compare cannot fold (NaN != NaN).
+    bits = jax.lax.bitcast_convert_type(t, jnp.dtype(f"int{8 * t.dtype.itemsize}"))
+    return jax.lax.cond(jnp.all(bits == bits[0]), lambda: full(fn(t[0])), lambda: full(fn(t)))
 
 
 def check_t(t, lo: float, hi: float, name: str = "t", what: str = "process") -> None:
@@ -423,12 +426,12 @@ class DiscreteVP(Process):
         return -jnp.expm1(jnp.diff(self.log_alpha_bar))
 
     def _knots(self):
-        n = self.num_steps
-        return jnp.linspace(0.0, 1.0, n + 1, dtype=self.log_alpha_bar.dtype)
+        # A constant of the program (numpy), not a linspace computed wherever a time is looked up.
+        return np.linspace(0.0, 1.0, self.num_steps + 1).astype(self.log_alpha_bar.dtype)
 
     def log_alpha_bar_at(self, t):
         t = jnp.asarray(t, dtype=jnp.result_type(t, float))
-        return interp_uniform(t, self._knots().astype(t.dtype), self.log_alpha_bar.astype(t.dtype))
+        return interp_uniform(t, jnp.asarray(self._knots(), t.dtype), self.log_alpha_bar.astype(t.dtype))
 
     def alpha(self, t):
         check_t(t, 0.0, 1.0, what="DiscreteVP process (t = (n + 1) / N)")
@@ -446,7 +449,7 @@ class DiscreteVP(Process):
         log_snr = jnp.asarray(log_snr, dtype=jnp.result_type(log_snr, float))
         la = -jax.nn.softplus(-log_snr)  # log alpha_bar = log sigmoid(l)
         # log_alpha_bar decreases in t: interpolate on the reversed table.
-        return interp_sorted(la, self.log_alpha_bar[::-1].astype(la.dtype), self._knots()[::-1].astype(la.dtype))
+        return interp_sorted(la, self.log_alpha_bar[::-1].astype(la.dtype), jnp.asarray(self._knots()[::-1], la.dtype))
 
     def timestep(self, t):
         """Continuous ``t`` to the (fractional) DDPM step index ``n = N t - 1``."""

@@ -37,6 +37,9 @@ MIXTURES = {"narrow": _mixture(2, 2.0, 0.2), "gaussian": _mixture(3, 0.0, 0.6)} 
 NARROW = MIXTURES["narrow"]
 CALIBRATION = PROCESS.prior_sample(jax.random.key(1), (48, DIM))
 HELD_OUT = PROCESS.prior_sample(jax.random.key(2), (48, DIM))  # the calibration's shape: its programs serve
+# With narrow modes the RMS is dominated by the few draws per hundred that a sampler sends into another
+# mode, so ranking samplers by RMS needs many draws: 48 hold two or none of them.
+TEST = PROCESS.prior_sample(jax.random.key(7), (1024, DIM))
 
 
 @functools.cache
@@ -45,10 +48,15 @@ def _exact(name):
     return teacher_samples(mixture_denoise, MIXTURES[name], PROCESS, HELD_OUT, 32, 8)
 
 
-def _rms(name, sampler, target=None):
+@functools.cache
+def _exact_test():
+    return teacher_samples(mixture_denoise, NARROW, PROCESS, TEST, 32, 8)
+
+
+def _rms(name, sampler, target=None, draws=HELD_OUT):
     """RMS distance to the exact samples of the held-out draws of a sampler carrying its grid, and its NFE."""
     target = _exact(name) if target is None else target
-    errs = draw_errors(mixture_denoise, MIXTURES[name], PROCESS, sampler, HELD_OUT, target)
+    errs = draw_errors(mixture_denoise, MIXTURES[name], PROCESS, sampler, draws, target)
     return float(np.sqrt(np.mean(np.asarray(errs)))), sampler.evals_per_step * (sampler.steps - 1) + 1
 
 
@@ -85,15 +93,15 @@ def test_ld3_on_one_gaussian_recovers_the_exact_solution():
 
 @pytest.mark.parametrize("name", ["ld3", "epd"])
 def test_held_out_error_is_at_most_the_best_fixed_grid(name):
-    """On draws it was not fitted on, the learned sampler has an RMS error at most that of the same solver on
+    """On 1024 draws it was not fitted on, the learned sampler has an RMS error at most that of the same solver on
     the best of the named grids (for EPD: its start, r = 1/3, 2/3 with equal weights, on them), at the same NFE."""
     if name == "ld3":
         learned, fixed = _ld3(), _named(4, lambda t: LearnedGrid(DPMSolverPP2M(), t))
     else:
         r = jnp.broadcast_to(jnp.array([1 / 3, 2 / 3]), (2, 2))
         learned, fixed = _epd(), _named(3, lambda t: EPD(t, r, jnp.full((2, 2), 0.5)))
-    err, nfe = _rms("narrow", learned)
-    fixed = {g: _rms("narrow", sampler) for g, sampler in fixed.items()}
+    err, nfe = _rms("narrow", learned, _exact_test(), TEST)
+    fixed = {g: _rms("narrow", sampler, _exact_test(), TEST) for g, sampler in fixed.items()}
     assert {n for _, n in fixed.values()} == {nfe}
     assert err <= min(e for e, _ in fixed.values()) * (1 + 1e-6), (err, fixed)
 

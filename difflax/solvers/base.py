@@ -17,6 +17,13 @@ and two pure functions,
 
 and inherits ``advance``, what the loop calls: ``step``, or the final denoising step.
 
+A solver whose step evaluates the denoiser more than once may be ``staged``: it then also
+implements ``stage(denoise, process, x, state, step)``, the part of the step around one
+evaluation (``step.stage``, traced, counts them from 0), and the loop runs one stage per
+iteration, ``evals_per_step`` iterations a step. Every iteration then evaluates the network
+once, with no branch: the final denoising step is the first stage's own evaluation, and the
+program holds one copy of the network where an unstaged two-evaluation solver holds two.
+
 The solver computes; :func:`run` counts. It scans over the grid, hands each step its
 interval, its grid position, and its own PRNG key ``fold_in(key, move)``, and returns
 ``info["nfe"] = evals_per_step * steps`` plus one for the final denoising step
@@ -32,6 +39,7 @@ forward transition ``q(x_{t_next} | x_t)`` and restarts the solver's state, at n
 from __future__ import annotations
 
 import abc
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -44,7 +52,9 @@ from difflax.transitions import coefficients, forward_std
 
 Array = jax.Array
 
-__all__ = ["Solver", "Step", "Wrapper", "call", "run", "separate_final", "time_vector"]
+__all__ = [
+    "Solver", "Step", "Wrapper", "call", "first_stage_picks", "run", "separate_final", "staged_step", "time_vector",
+]
 
 
 class Step(NamedTuple):
@@ -61,6 +71,8 @@ class Step(NamedTuple):
         where the loop has none). On the final step ``t_next`` is ``t``: the step's own result is
         replaced by ``x0 = D(x, t)`` (:meth:`Solver.advance`), and a zero-length step keeps the
         discarded branch finite, so no NaN reaches a gradient through ``jnp.where``.
+      stage: for a ``staged`` solver run by the loop, which of the step's evaluations this
+        iteration makes (int32 scalar, ``0 .. evals_per_step - 1``); ``None``: the whole step.
     """
 
     t: Array
@@ -69,6 +81,7 @@ class Step(NamedTuple):
     num_steps: int
     key: Array | None
     final: Array | bool = False
+    stage: Array | int | None = None
 
 
 class Solver(abc.ABC):
@@ -77,6 +90,7 @@ class Solver(abc.ABC):
     evals_per_step: int = 1
     default_grid: str = "logsnr"
     stochastic: bool = False
+    staged: bool = False
 
     def init(self, process, x: Array) -> Any:
         """The solver's state at the start (and after a jump up in time): none by default."""
@@ -86,17 +100,23 @@ class Solver(abc.ABC):
     def step(self, denoise: Callable, process, x: Array, state, step: Step) -> tuple[Array, Any]:
         """One step from ``step.t`` to ``step.t_next``: ``(x_next, state_next)``."""
 
+    def stage(self, denoise: Callable, process, x: Array, state, step: Step) -> tuple[Array, Any]:
+        """The part of the step around its evaluation number ``step.stage`` (``staged`` solvers only)."""
+        raise NotImplementedError(f"{type(self).__name__} is not staged.")
+
     def advance(self, denoise: Callable, process, x: Array, state, step: Step) -> tuple[Array, Any]:
-        """What the loop calls: :meth:`step`, or on the final step (``step.final``) ``x0 = D(x, step.t)``.
+        """What the loop calls: :meth:`step` (or :meth:`stage`), or on the final step (``step.final``)
+        ``x0 = D(x, step.t)``.
 
         The final denoising step is the step's own first evaluation, ``D(x, t)`` (the limit of every
         solver's step to ``sigma = 0``), so no other copy of the network is needed; the step's later
-        evaluations are skipped there (``lax.cond``) and its result is dropped. A solver whose
-        first evaluation is elsewhere, or inside a nested loop or transform, overrides this method
-        (e.g. with :func:`separate_final`).
+        evaluations are skipped there (``lax.cond``; a staged solver has none) and its result is
+        dropped. A solver whose first evaluation is elsewhere, or inside a nested loop or transform,
+        overrides this method (e.g. with :func:`separate_final`).
         """
+        move = self.stage if self.staged and step.stage is not None else self.step
         if step.final is False:
-            return self.step(denoise, process, x, state, step)
+            return move(denoise, process, x, state, step)
         first = []
 
         def evaluate(x_in, t_in):
@@ -106,7 +126,7 @@ class Solver(abc.ABC):
             out = jax.eval_shape(denoise, x_in, t_in)
             return jax.lax.cond(step.final, lambda: jnp.zeros(out.shape, out.dtype), lambda: denoise(x_in, t_in))
 
-        x_next, state = self.step(evaluate, process, x, state, step)
+        x_next, state = move(evaluate, process, x, state, step)
         if not first:
             raise ValueError(f"{type(self).__name__}.step evaluates no denoiser; it needs its own advance().")
         return jnp.where(step.final, first[0].astype(x.dtype), x_next), state
@@ -148,6 +168,21 @@ def call(denoise: Callable, x: Array, t) -> Array:
     if out.shape != x.shape:
         raise ValueError(f"denoise must return an array of the shape of x {x.shape}; got {out.shape}.")
     return out
+
+
+def staged_step(solver: Solver, denoise: Callable, process, x: Array, state, step: Step) -> tuple[Array, Any]:
+    """A staged solver's whole step (its ``step``): its stages ``0 .. evals_per_step - 1`` in turn."""
+    for stage in range(solver.evals_per_step):
+        x, state = solver.stage(denoise, process, x, state, step._replace(stage=stage))
+    return x, state
+
+
+def first_stage_picks(step: Step) -> Callable:
+    """``pick(a, b)``: ``a`` on a step's first stage, ``b`` on the others; a select where the stage is
+    traced (the loop), the value itself where it is an int (:func:`staged_step`)."""
+    if isinstance(step.stage, int):
+        return (lambda a, b: a) if step.stage == 0 else (lambda a, b: b)
+    return functools.partial(jnp.where, step.stage == 0)
 
 
 def separate_final(solver: Solver, denoise: Callable, process, x: Array, state, step: Step) -> tuple[Array, Any]:
@@ -203,28 +238,37 @@ def run(
     last = positive.shape[0] - 1
     # The final denoising step is the last move, from the last positive time to ts[-1] = 0 (see Step.final).
     scan_moves = np.concatenate([moves, [[last, last + 1]]]) if final_zero else moves
+    # One row per iteration: (move number, from, to, stage); a staged solver's step takes evals_per_step
+    # iterations (a jump and the final step one), the others' one.
+    rows = []
+    for n, (i, j) in enumerate(scan_moves):
+        stages = solver.evals_per_step if solver.staged and i < j and not (final_zero and j > last) else 1
+        rows += [(n, i, j, s) for s in range(stages)]
+    rows = np.asarray(rows, np.int32)
+    step_ends = np.flatnonzero(np.append(rows[1:, 0] != rows[:-1, 0], True))  # an iteration ending a move
 
-    def down(x, state, i, j, k):
+    def down(x, state, i, j, k, stage):
         final = (j > last) if final_zero else False
-        step = Step(ts[i], ts[jnp.where(final, i, j)], i, num_steps, k, final)
+        step = Step(ts[i], ts[jnp.where(final, i, j)], i, num_steps, k, final, stage if solver.staged else None)
         return solver.advance(denoise, process, x, state, step)
 
-    def up(x, state, i, j, k):
+    def up(x, state, i, j, k, stage):
         x = _renoise(process, x, ts[i], ts[j], k)
         return x, solver.init(process, x)
 
-    def body(carry, move):
+    def body(carry, row):
         x, state = carry
-        n, i, j = move[0], move[1], move[2]
+        n, i, j, stage = row[0], row[1], row[2], row[3]
         k = None if key is None else jax.random.fold_in(key, n)
         if ups.any():
-            x, state = jax.lax.cond(j > i, down, up, x, state, i, j, k)
+            x, state = jax.lax.cond(j > i, down, up, x, state, i, j, k, stage)
         else:
-            x, state = down(x, state, i, j, k)
+            x, state = down(x, state, i, j, k, stage)
         return (x, state), (x if return_trajectory else None)
 
-    numbered = np.concatenate([np.arange(len(scan_moves), dtype=np.int32)[:, None], scan_moves], axis=1)
-    (x, _), traj = jax.lax.scan(body, (x_T, solver.init(process, x_T)), jnp.asarray(numbered))
+    (x, _), traj = jax.lax.scan(body, (x_T, solver.init(process, x_T)), jnp.asarray(rows))
+    if return_trajectory and len(step_ends) < len(rows):
+        traj = traj[step_ends]
     nfe = solver.evals_per_step * int((~ups).sum()) + int(final_zero)
     info = {"nfe": jnp.asarray(nfe, jnp.int32), "steps": num_steps, "ts": ts}
     if return_trajectory:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from difflax import pytree
-from difflax.solvers.base import Solver, Step, call
+from difflax.solvers.base import Solver, Step, call, first_stage_picks, staged_step
 
 __all__ = ["EDMStochastic", "Euler", "Heun", "velocity"]
 
@@ -37,14 +37,6 @@ def velocity(denoise, process, x, t):
     alpha, sigma = process.alpha_sigma(t)
     d_alpha, d_sigma = process.alpha_sigma_derivatives(t)
     return d_alpha * x0 + d_sigma * (x - alpha * x0) / sigma
-
-
-def heun_step(denoise, process, x, t, t_next):
-    """Heun's method (explicit trapezoid) from ``t`` to ``t_next``: 2 evaluations."""
-    d = velocity(denoise, process, x, t)
-    x_euler = x + (t_next - t) * d
-    d_next = velocity(denoise, process, x_euler, t_next)
-    return (x + 0.5 * (t_next - t) * (d + d_next)).astype(x.dtype)
 
 
 @pytree.dataclass
@@ -59,13 +51,29 @@ class Euler(Solver):
 
 @pytree.dataclass
 class Heun(Solver):
-    """Heun's method (explicit trapezoid) on the probability-flow ODE: second order, 2 NFE per step."""
+    """Heun's method (explicit trapezoid) on the probability-flow ODE: second order, 2 NFE per step.
+
+    Staged (:class:`~difflax.solvers.base.Solver`): stage 0 evaluates ``d = v(x, t)`` and moves to
+    the Euler point ``x_e = x + h d``; stage 1 evaluates ``d' = v(x_e, t_next)`` and finishes
+    ``x + h (d + d') / 2 = (x + x_e) / 2 + h d' / 2``. The state is the stage's starting point
+    (stage 1 reads stage 0's), so a stage writes one array beside ``x``.
+    """
 
     evals_per_step = 2
     default_grid = "karras"
+    staged = True
+
+    def init(self, process, x):
+        return jnp.zeros_like(x)  # the previous stage's starting point
+
+    def stage(self, denoise, process, x, start, step: Step):
+        pick = first_stage_picks(step)
+        h = step.t_next - step.t
+        d = velocity(denoise, process, x, pick(step.t, step.t_next))
+        return pick(x + h * d, 0.5 * (start + x) + 0.5 * h * d).astype(x.dtype), pick(x, start)
 
     def step(self, denoise, process, x, state, step: Step):
-        return heun_step(denoise, process, x, step.t, step.t_next), state
+        return staged_step(self, denoise, process, x, state, step)
 
 
 @pytree.dataclass
@@ -86,6 +94,7 @@ class EDMStochastic(Solver):
     evals_per_step = 2
     default_grid = "karras"
     stochastic = True
+    staged = True
 
     def _churn(self, process, x, step: Step):
         """``(x_hat, t_hat)``: ``x`` raised from ``sigma`` to ``sigma (1 + gamma)`` in the scaled coordinates;
@@ -106,6 +115,18 @@ class EDMStochastic(Solver):
         x_hat = ((alpha_hat / jnp.where(raised, alpha, 1.0)) * x + alpha_hat * noise).astype(x.dtype)
         return jnp.where(raised, x_hat, x), t_hat
 
+    def init(self, process, x):
+        # Heun's state and the churned time t_hat of stage 0, for stage 1.
+        return Heun().init(process, x), jnp.zeros((), jnp.result_type(x.dtype, jnp.float32))
+
+    def stage(self, denoise, process, x, state, step: Step):
+        start, t_hat = state
+        if not isinstance(step.stage, int) or step.stage == 0:  # stage 1 of a whole step churns nothing
+            pick = first_stage_picks(step)
+            x_hat, t_churned = self._churn(process, x, step)
+            x, t_hat = pick(x_hat, x), pick(t_churned, t_hat).astype(t_hat.dtype)
+        x, start = Heun().stage(denoise, process, x, start, step._replace(t=t_hat))
+        return x, (start, t_hat)
+
     def step(self, denoise, process, x, state, step: Step):
-        x_hat, t_hat = self._churn(process, x, step)
-        return heun_step(denoise, process, x_hat, t_hat, step.t_next), state
+        return staged_step(self, denoise, process, x, state, step)
