@@ -33,6 +33,7 @@ setup(
             "difflax-sample = difflax.cli.sample:run",
             "difflax-evaluate = difflax.cli.evaluate:run",
             "difflax-encode-latents = difflax.cli.encode_latents:run",
+            "difflax-train-vae = difflax.cli.train_vae:run",
         ]
     },
     # Lower bounds are tested: CI installs exactly constraints-min.txt and runs tests/test_smoke.py.

@@ -76,7 +76,7 @@ def test_config_flag_takes_a_name_an_argument_a_file_and_overrides(config_flag):
 def test_importing_the_jobs_defines_no_flags_and_leaves_sigterm_alone():
     """A job defines its flags and notes SIGTERM when it runs; importing all of them in one process is fine."""
     names, handler = set(flags.FLAGS), signal.getsignal(signal.SIGTERM)
-    for job in ("train", "sample", "evaluate", "encode_latents"):
+    for job in ("train", "sample", "evaluate", "encode_latents", "train_vae"):
         importlib.import_module(f"difflax.cli.{job}")
     assert set(flags.FLAGS) == names and signal.getsignal(signal.SIGTERM) is handler
 

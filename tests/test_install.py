@@ -144,5 +144,5 @@ def test_the_install_cell_installs_from_a_clone_and_the_jobs_run_without_a_check
     for name in ("config.json", "metrics.json", "samples.png", "loss.png"):
         assert (elsewhere / "run" / name).is_file(), name
     assert json.loads((elsewhere / "run" / "metrics.json").read_text())["step"] == 2
-    for job in ("sample", "evaluate", "encode-latents"):  # run in tests/test_entry_points.py (python -m)
+    for job in ("sample", "evaluate", "encode-latents", "train-vae"):  # run in tests/test_entry_points.py (python -m)
         assert (bin_dir / f"difflax-{job}").is_file(), job

@@ -4,6 +4,7 @@ Without torch: a tiny Flax ``AutoencoderKL`` exported to a diffusers-format pipe
 digits (16 x 16) into a latent dataset; a batch of that dataset decodes to the images that decoding the
 encoder's latents directly gives; the ``digits_latent`` recipe trains a few steps through the job, and
 ``sample_run`` with classifier-free guidance decodes its samples to digit-sized images and a PNG.
+``difflax-train-vae`` trains a VAE on the digits whose folder the converter and the encoder read.
 With the bench extra: the snippet runs on small random diffusers DiT and VAE folders.
 """
 
@@ -18,13 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-from safetensors.numpy import save_file
 
 from difflax.configs import digits_latent
 from difflax.data import ArrayDataset, LatentDataset, encode_dataset, latent_decoder, load_digits
 from difflax.data.arrays import epoch_indices
 from difflax.data.encode import encode_images, image_dataset
-from difflax.hub import convert_autoencoder_kl, export_autoencoder_kl
+from difflax.hub import convert_autoencoder_kl, save_autoencoder_kl
 from difflax.models import AutoencoderKL
 from difflax.train import train_and_evaluate
 from difflax.train.runs import sample_run
@@ -53,11 +53,7 @@ def vae_pipeline(tmp_path_factory):
     model = AutoencoderKL(**TINY_VAE)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 16, 16, 1), jnp.float32))
     root = tmp_path_factory.mktemp("pipeline")
-    (root / "vae").mkdir()
-    config = {"_class_name": "AutoencoderKL", **TINY_VAE, "block_out_channels": [8, 16], "in_channels": 1}
-    (root / "vae" / "config.json").write_text(json.dumps(config))
-    params = _random_params(shapes["params"], np.random.default_rng(0))
-    save_file(export_autoencoder_kl(model, params), str(root / "vae" / "diffusion_pytorch_model.safetensors"))
+    save_autoencoder_kl(model, _random_params(shapes["params"], np.random.default_rng(0)), root / "vae")
     return root
 
 
@@ -122,6 +118,30 @@ def test_float16_posterior_samples_from_the_command_line(vae_pipeline, tmp_path)
     assert np.abs(standard).max() < 6 and 0.8 < np.std(standard) < 1.2
     with pytest.raises(ValueError, match="dataset must be 'digits' or 'tfds:<tfds name>' to encode; got 'mnist'"):
         image_dataset("mnist")
+
+
+def test_train_vae_job_learns_the_digits_and_its_folder_is_what_the_converter_and_encoder_read(tmp_path):
+    """difflax-train-vae: the reconstruction beats the per-pixel mean image by far, the saved folder converts
+    back to the same parameters, and latents encoded with it have unit variance (the fitted scaling_factor)."""
+    out = tmp_path / "vae"
+    result = subprocess.run(
+        [sys.executable, "-m", "difflax.cli.train_vae", f"--out={out}", "--steps=200", "--batch_size=32",
+         "--block_out_channels=8,16", "--norm_num_groups=4", "--learning_rate=3e-3"],
+        cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rmse = float(result.stdout.split("test reconstruction RMSE ")[1].split(",")[0])
+    test_images, _ = load_digits("test", size=16)
+    mean_image_rmse = float(np.sqrt(np.mean(np.square(test_images - test_images.mean(axis=0)))))
+    assert rmse < 0.6 * mean_image_rmse, (rmse, mean_image_rmse)
+    model, params, info = convert_autoencoder_kl(out)
+    assert model.block_out_channels == (8, 16) and json.loads((out / "config.json").read_text())["sample_size"] == 16
+    images, labels = load_digits("train", size=16)
+    latents = encode_dataset(ArrayDataset(images[:256], labels[:256]), out, tmp_path / "latents")
+    x = latents.batch(0, 0, 256)["x"]
+    assert 0.9 < float(np.std(x)) < 1.1 and info["scaling_factor"] == latents.scale
+    with pytest.raises(FileExistsError, match="exists; save_autoencoder_kl writes a new folder"):
+        save_autoencoder_kl(model, params, out)
 
 
 def test_digits_latent_recipe_trains_and_samples_decode_to_images(encoded, tmp_path):

@@ -2,10 +2,11 @@
 
 The latent DiT recipe (:mod:`difflax.configs.imagenet256_dit_latent`, Peebles & Xie 2023) at a size for a
 CPU. First encode the digits with a VAE (a diffusers ``AutoencoderKL`` folder, or a pipeline's root
-holding ``vae/``), then train on the latents; ``difflax-sample`` decodes samples with the VAE
-recorded in the latents' ``vae.json``::
+holding ``vae/``; ``difflax-train-vae`` trains one on the digits in a few minutes), then train on the
+latents; ``difflax-sample`` decodes samples with the VAE recorded in the latents' ``vae.json``::
 
-    difflax-encode-latents --vae=VAE_DIR --dataset=digits --image_size=16 --out=~/data/digits_latents
+    difflax-train-vae --out=~/data/digits_vae --dataset=digits --image_size=16
+    difflax-encode-latents --vae=~/data/digits_vae --dataset=digits --image_size=16 --out=~/data/digits_latents
     difflax-train --config=digits_latent --workdir=workdir/digits_latent
     difflax-sample --workdir=workdir/digits_latent
 

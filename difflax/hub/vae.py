@@ -13,8 +13,10 @@ The middle block's attention is read in diffusers' current names (``to_q``, ``to
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 from typing import Any
 
 import jax
@@ -25,7 +27,8 @@ from difflax.hub.common import ConversionError, TensorSource, load_config, load_
 from difflax.hub.pipeline import model_folder
 from difflax.models.autoencoder import AutoencoderKL
 
-__all__ = ["autoencoder_kl_from_config", "convert_autoencoder_kl", "export_autoencoder_kl"]
+__all__ = ["autoencoder_kl_config", "autoencoder_kl_from_config", "convert_autoencoder_kl", "export_autoencoder_kl",
+           "save_autoencoder_kl"]
 
 # config.json keys of diffusers' AutoencoderKL: those that shape the model, and those only reported in `info`.
 _MODEL_KEYS = ("block_out_channels", "layers_per_block", "latent_channels", "out_channels", "norm_num_groups",
@@ -150,3 +153,43 @@ def export_autoencoder_kl(model: AutoencoderKL, params: dict) -> dict[str, np.nd
         extra = sorted("/".join(str(getattr(k, "key", k)) for k in p) for p in given)
         raise ConversionError(f"params has parameters the model does not: {', '.join(extra)}.")
     return tensors
+
+
+def autoencoder_kl_config(model: AutoencoderKL, in_channels: int, sample_size: int | None = None) -> dict:
+    """The diffusers ``AutoencoderKL`` ``config.json`` of ``model`` (inverse of :func:`autoencoder_kl_from_config`)."""
+    levels = len(model.block_out_channels)
+    config = {"_class_name": "AutoencoderKL", "in_channels": int(in_channels), **_FIXED,
+              "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels}
+    for key in _MODEL_KEYS:
+        value = getattr(model, key)
+        config[key] = list(value) if key == "block_out_channels" else value
+    if sample_size is not None:
+        config["sample_size"] = int(sample_size)
+    return config
+
+
+def save_autoencoder_kl(model: AutoencoderKL, params: dict, path: str | os.PathLike, *,
+                        sample_size: int | None = None) -> str:
+    """Write ``model`` and ``params`` as a diffusers ``AutoencoderKL`` folder: ``config.json`` and
+    ``diffusion_pytorch_model.safetensors`` (what :func:`convert_autoencoder_kl` and diffusers'
+    ``AutoencoderKL.from_pretrained`` read).
+
+    The folder is written under a temporary name and renamed when complete, so an interrupted save
+    leaves no folder that looks whole; an existing ``path`` is refused (:class:`FileExistsError`).
+    Returns the folder's path.
+    """
+    from safetensors.numpy import save_file
+
+    path = os.path.expanduser(os.fspath(path))
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} exists; save_autoencoder_kl writes a new folder.")
+    tensors = export_autoencoder_kl(model, params)
+    in_channels = tensors["encoder.conv_in.weight"].shape[1]
+    partial = f"{path}.partial"
+    shutil.rmtree(partial, ignore_errors=True)  # the remains of an interrupted save
+    os.makedirs(partial)
+    with open(os.path.join(partial, "config.json"), "w") as f:
+        json.dump(autoencoder_kl_config(model, in_channels, sample_size), f, indent=2)
+    save_file(tensors, os.path.join(partial, "diffusion_pytorch_model.safetensors"))
+    os.replace(partial, path)
+    return path
