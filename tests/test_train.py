@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from difflax.configs import toy2d
-from difflax.train import CheckpointError, Trainer
+from difflax.train import CheckpointError, Trainer, shard_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,6 +143,16 @@ def test_toy_training_learns_the_distribution(tmp_path):
     # Flow matching has a large irreducible loss (E|eps - x0 - E[eps - x0 | x_t]|^2), so the
     # loss falls by little; the distribution test below is the real check.
     assert np.mean(losses[-3:]) < 0.95 * losses[0]
+    # Throughput in the log: images/s of the batch, XLA's FLOPs of the step (the first log's trace), no MFU
+    # on a CPU (no peak in the table).
+    from difflax.train.throughput import step_flops
+
+    last = status["history"][-1]
+    assert last["images_per_sec"] == pytest.approx(128 * last["steps_per_sec"])
+    batch = trainer.dataset.batch(config.seed, 0, 128)
+    flops = step_flops(trainer._step.lower(state, shard_batch(batch, trainer.mesh)))
+    assert last["tflops_per_device"] == pytest.approx(flops * last["steps_per_sec"] / 1e12) and "mfu" not in last
+    assert flops > 3 * 2 * 128 * 64 * 64 * 2  # at least forward and backward of the two 64-wide hidden layers
     fresh = trainer.dataset.batch(123, 0, 2000)["x"]
     sample = jax.jit(lambda p, k: trainer.sample(p, k, 2000)[0])
 

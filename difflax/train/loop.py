@@ -23,6 +23,7 @@ from difflax.train.preemption import Preemption
 from difflax.train.sharding import batch_sharding, make_mesh, partition_rules, replicated, shard_batch, state_shardings
 from difflax.train.state import TrainState
 from difflax.train.step import make_train_step
+from difflax.train.throughput import peak_tflops, step_flops, throughput
 from difflax.train.workdir import WorkdirLock, check_recipe
 
 __all__ = ["MetricWriter", "Trainer", "TrainingDiverged", "evaluate", "train_and_evaluate"]
@@ -116,6 +117,8 @@ class Trainer:
         self.writer = MetricWriter(workdir, self.is_main)
         self.preemption = Preemption() if preemption is None else preemption
         self._snapshot_fn = None
+        self._flops = None  # of one train step (difflax.train.throughput), found at the first log
+        self._peak = peak_tflops(jax.devices()[0].device_kind)
 
     # ---------------------------------------------------------------- state
     def _new_state(self) -> TrainState:
@@ -187,6 +190,8 @@ class Trainer:
     def _record(self, done: int, metrics, rate: float, history: list) -> dict:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         values["steps_per_sec"] = rate
+        devices = self.mesh.devices.size
+        values.update(throughput(rate, self.config.train.batch_size, self._flops, devices, self._peak))
         history.append({"step": done, **values})
         self.writer.write(done, values)
         limit = self.config.optim.max_nonfinite
@@ -228,15 +233,19 @@ class Trainer:
                 batch = self.dataset.batch(
                     self.config.seed, step, cfg.batch_size, jax.process_index(), jax.process_count()
                 )
-                state, metrics = self._step(state, shard_batch(batch, self.mesh))
+                batch = shard_batch(batch, self.mesh)
+                state, metrics = self._step(state, batch)
                 ticks += 1
                 done = step + 1
                 saving = done % cfg.save_every == 0 or done == end
                 if done % cfg.log_every == 0 or saving:
+                    if self._flops is None:  # traced again, not compiled: the step's FLOPs by cost analysis
+                        self._flops = step_flops(self._step.lower(state, batch))
                     now = time.perf_counter()
                     values = self._record(done, metrics, ticks / (now - tick), history)
                     tick, ticks = now, 0
-                    bar.set_postfix(loss=f"{values['loss']:.4f}", steps_s=f"{values['steps_per_sec']:.1f}")
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_sec']:.0f}",
+                                    mfu=f"{values['mfu']:.1%}" if "mfu" in values else "unknown")
                     if saving:
                         self.save(state, values["loss"])
                         saved = done
