@@ -402,14 +402,18 @@ def test_bfloat16_keeps_float32_params():
 def test_remat_same_params_outputs_and_grads():
     """Rematerialization changes neither the parameter tree nor the gradients (checked numerically on the MLP)."""
     x, t = normal((4, 3)), np.linspace(0.2, 0.8, 4, dtype=np.float32)
-    plain, remat = MLPResNet(**TINY_MLP), MLPResNet(**TINY_MLP, remat=True)
+    plain = MLPResNet(**TINY_MLP)
+    remats = [MLPResNet(**TINY_MLP, remat=policy) for policy in (True, "dots", "dots_all")]
     params = random_params(plain, 0, x, t)
     grads = fast_jit(
-        lambda p: [jax.grad(lambda q: jnp.sum(m.apply({"params": q}, x, t) ** 2))(p) for m in (plain, remat)]
+        lambda p: [jax.grad(lambda q: jnp.sum(m.apply({"params": q}, x, t) ** 2))(p) for m in (plain, *remats)]
     )(params)
-    assert jax.tree.structure(grads[0]) == jax.tree.structure(grads[1])
-    for a, b in zip(*map(jax.tree.leaves, grads), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    for remat in grads[1:]:
+        assert jax.tree.structure(grads[0]) == jax.tree.structure(remat)
+        for a, b in zip(*map(jax.tree.leaves, (grads[0], remat)), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="remat must be True, False or one of 'full', 'dots', 'dots_all'; got 'some'"):
+        MLPResNet(**TINY_MLP, remat="some").init(jax.random.key(0), x, t)
 
     images = normal((2, 8, 8, 1))
     for plain, remat in [

@@ -150,7 +150,8 @@ class DiT(nn.Module):
     follows the paper: Xavier-uniform linear layers, ``N(0, 0.02^2)`` embeddings, zero adaLN
     and output layers. ``dtype`` is the compute dtype; parameters are ``param_dtype``; layer
     norms, the residual stream, the conditioning vector and the output are float32.
-    ``remat`` rematerializes each block; ``self_condition`` concatenates ``self_cond``
+    ``remat`` rematerializes each block (``True``, or a policy name of
+    :data:`~difflax.models.layers.REMAT_POLICIES`); ``self_condition`` concatenates ``self_cond``
     (zeros when ``None``) to the input channels (Chen et al. 2022). ``dropout`` (after
     attention and MLP, default 0 as in the paper) is active only with ``train=True``.
 
@@ -173,7 +174,7 @@ class DiT(nn.Module):
     fourier_scale: float = 16.0
     self_condition: bool = False
     guidance_embedding: bool = False
-    remat: bool = False
+    remat: bool | str = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 

@@ -61,10 +61,25 @@ def with_self_condition(x: Array, self_cond: Array | None, enabled: bool) -> Arr
     return jnp.concatenate([x, self_cond.astype(x.dtype)], axis=-1)
 
 
-def maybe_remat(module_cls, enabled: bool):
-    """``nn.remat(module_cls)`` (recompute activations in the backward pass) if ``enabled``.
+# What a rematerialized block keeps from its forward pass (jax.checkpoint_policies); the rest is recomputed.
+REMAT_POLICIES = {
+    "full": None,  # nothing: the whole block is recomputed (least memory)
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # matmul outputs: recompute the cheap ops
+    "dots_all": jax.checkpoint_policies.dots_saveable,  # every dot, batched ones (attention) too
+}
 
-    Submodules built from the result must be named explicitly so the parameter tree is
-    the same with and without rematerialization.
+
+def maybe_remat(module_cls, remat: bool | str):
+    """``module_cls`` rematerialized (activations recomputed in the backward pass) as ``remat`` says.
+
+    ``False`` / ``None``: as it is; ``True`` or ``"full"``: every activation recomputed; ``"dots"`` /
+    ``"dots_all"``: the policy of :data:`REMAT_POLICIES` (matrix products kept). Submodules built from the
+    result must be named explicitly so the parameter tree is the same with and without rematerialization.
     """
-    return nn.remat(module_cls) if enabled else module_cls
+    if remat is None or remat is False:
+        return module_cls
+    name = "full" if remat is True else remat
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat must be True, False or one of {', '.join(map(repr, REMAT_POLICIES))}; got {remat!r}.")
+    policy = REMAT_POLICIES[name]
+    return nn.remat(module_cls) if policy is None else nn.remat(module_cls, policy=policy)

@@ -73,7 +73,7 @@ class MLPResNet(nn.Module):
     out_features: int | None = None
     self_condition: bool = False
     guidance_embedding: bool = False
-    remat: bool = False
+    remat: bool | str = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 

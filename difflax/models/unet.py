@@ -155,7 +155,8 @@ class UNet(nn.Module):
     ``head_channels`` (ADM's 64) fixes the width per attention head, else ``num_heads``
     heads are used. ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``); parameters are
     ``param_dtype``; norms, the conditioning vector and the output are float32. ``remat``
-    rematerializes every block's activations in the backward pass. ``out_channels``
+    rematerializes every block's activations in the backward pass (``True``, or a policy name of
+    :data:`~difflax.models.layers.REMAT_POLICIES`). ``out_channels``
     defaults to the input channels.
 
     ``guidance_embedding=True`` adds the guidance strength ``w`` to the conditioning (guidance
@@ -179,7 +180,7 @@ class UNet(nn.Module):
     out_channels: int | None = None
     self_condition: bool = False
     guidance_embedding: bool = False
-    remat: bool = False
+    remat: bool | str = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
