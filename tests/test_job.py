@@ -334,6 +334,8 @@ BAD_SETTINGS = [
     ("model.name", "resnet"),
     ("model.prediction", "noise"),
     ("model.noise_scale", 0.0),
+    ("model.dtype", "float64"),
+    ("model.remat", "all"),
     ("loss.weighting", "uniform"),
     ("loss.t_sampler", "beta"),
     ("loss.p_uncond", 1.0),

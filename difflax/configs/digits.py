@@ -24,6 +24,8 @@ def get_config():
     config.model.prediction = "edm"  # what the network outputs: edm (preconditioned F), eps, x0, v, velocity
     config.model.noise_scale = 1.0  # multiplies the network's noise input (c_noise for "edm")
     config.model.class_conditional = True  # labels in, null class for classifier-free guidance
+    config.model.dtype = "float32"  # compute dtype: float32, bfloat16 or float16 (parameters stay float32)
+    config.model.remat = "none"  # recompute block activations in the backward pass: "full", "dots" or "dots_all"
     config.model.kwargs = ml_collections.ConfigDict(
         {
             "base_channels": 16,

@@ -11,7 +11,7 @@ with ``scale`` = 0.18215 when raw VAE means are stored)::
 
 Differences from DiT: fixed variances (``learn_sigma=False``: the trainer has no hybrid
 loss); no random flips of the latents
-(encode flipped images too for that); float32 (``model.kwargs.dtype="bfloat16"`` for
+(encode flipped images too for that); float32 (``model.dtype="bfloat16"`` for
 mixed precision). Decode samples with the same VAE (after dividing by the scale).
 """
 

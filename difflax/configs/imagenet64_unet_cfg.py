@@ -9,7 +9,7 @@ dataset prepared as ArrayRecord (``tfds build imagenet_resized/64x64
     difflax-train --config=imagenet64_unet_cfg --workdir=workdir/imagenet64
 
 Differences from ADM: fixed (not learned) variances, so the simple eps loss instead of the
-hybrid loss with learn_sigma; float32 (``model.kwargs.dtype="bfloat16"`` for mixed
+hybrid loss with learn_sigma; float32 (``model.dtype="bfloat16"`` for mixed
 precision); tfds's ``imagenet_resized`` is box-downsampled, ADM center-crops (use
 ``data.name="tfds:imagenet2012"`` with ``image_size=64`` for ADM's crop and filters).
 Guided sampling: ``difflax.guidance.cfg(denoise_cond, y, sample.guidance_scale,

@@ -26,12 +26,21 @@ __all__ = [
 ]
 
 MODELS = ("unet", "dit", "mlp")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 T_SAMPLERS = ("uniform", "logsnr", "edm", "ddpm")
 
 
 def build_model(config, num_classes: int | None = None):
-    """The network of the ``model`` block: ``name`` in :data:`MODELS` and its ``kwargs``."""
+    """The network of the ``model`` block: ``name`` in :data:`MODELS` and its ``kwargs``.
+
+    ``model.dtype`` (compute dtype, :data:`COMPUTE_DTYPES`; parameters, EMA and optimizer state stay
+    float32) and ``model.remat`` (``"none"`` or a policy of :data:`~difflax.models.layers.REMAT_POLICIES`)
+    apply to every network unless ``kwargs`` sets them itself.
+    """
     kwargs = dict(config.kwargs)
+    kwargs.setdefault("dtype", config.get("dtype", "float32"))
+    if config.get("remat", "none") != "none":
+        kwargs.setdefault("remat", config.remat)
     if config.get("class_conditional", False):
         kwargs["num_classes"] = num_classes
     if config.name == "unet":

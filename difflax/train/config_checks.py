@@ -14,11 +14,12 @@ from collections.abc import Callable
 
 from difflax.data.toy2d import TOY_DATASETS
 from difflax.losses import WEIGHTINGS
+from difflax.models.layers import REMAT_POLICIES
 from difflax.parametrization import PREDICTIONS
 from difflax.processes import PROCESSES, get_process
 from difflax.solvers import SOLVERS, get_solver
 from difflax.solvers.grids import GRIDS, make_grid
-from difflax.train.builders import MODELS, T_SAMPLERS
+from difflax.train.builders import COMPUTE_DTYPES, MODELS, T_SAMPLERS
 from difflax.train.optim import OPTIMIZERS, SCHEDULES
 from difflax.train.sharding import BATCH_AXES, check_rules, mesh_shape
 
@@ -80,6 +81,8 @@ RULES = (
     ("model.prediction", _choice((*PREDICTIONS, "edm")), True),
     ("model.noise_scale", _POSITIVE, False),
     ("model.class_conditional", _BOOL, False),
+    ("model.dtype", _choice(COMPUTE_DTYPES), False),
+    ("model.remat", _choice(("none", *REMAT_POLICIES)), False),
     ("loss.weighting", _choice(WEIGHTINGS), True),
     ("loss.t_sampler", _choice(T_SAMPLERS), True),
     ("loss.p_mean", _real(-math.inf), False),
