@@ -5,6 +5,7 @@ the job now ends cleanly: exit codes, what is on disk, and a bit-exact resume.
 """
 
 import glob
+import hashlib
 import json
 import math
 import os
@@ -193,14 +194,24 @@ from tests.test_train import tiny_config
 config = tiny_config(steps=100000, save_every=100000)
 result = train_and_evaluate(config, "{workdir}")
 print("result", jax.process_index(), result["preempted"], result["step"], flush=True)
+# The checkpoint the two processes wrote, restored by both: a digest of every byte of the state.
+import hashlib, numpy as np
+from difflax.train import Trainer
+state = Trainer(config, "{workdir}").restore_or_init()
+digest = hashlib.sha256(b"".join(np.asarray(leaf).tobytes() for leaf in jax.tree.leaves(state))).hexdigest()
+print("digest", jax.process_index(), int(state.step), digest, flush=True)
 jax.distributed.shutdown()
 """
+
+
+def _digest(state):
+    return hashlib.sha256(b"".join(np.asarray(leaf).tobytes() for leaf in jax.tree.leaves(state))).hexdigest()
 
 
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_joint_step(tmp_path):
     """Finding 4: SIGTERM to process 1 of a 2-process job used to hang both. Now both stop at
     the same step, write one checkpoint jointly and exit 0; the checkpoint equals a
-    single-process run to that step."""
+    single-process run to that step, and one process restores it bit for bit as the two do."""
     workdir = tmp_path / "multi"
     code = MULTI_SCRIPT.replace("{port}", str(_free_port())).replace("{workdir}", str(workdir))
     procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
@@ -219,6 +230,11 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_joint_step(tmp_path):
     config = tiny_config(steps=100000, save_every=100000)
     multi = Trainer(config, str(workdir))
     assert multi.checkpointer.all_steps() == [step]
+    # Written by 2 processes, restored by 1: bit for bit what the 2 processes restore, so the next step
+    # from it is the step a 2-process continuation takes (same global batch, same state).
+    digests = {tuple(line.split()[1:]) for out, _ in outs for line in out.splitlines() if line.startswith("digest")}
+    assert {(i, s) for i, s, _ in digests} == {("0", str(step)), ("1", str(step))}
+    assert {d for *_, d in digests} == {_digest(multi.restore_or_init())}
     single, _ = Trainer(config, str(tmp_path / "single")).run(stop_at=step, progress=False)
     for a, b in zip(_params(_restored(multi, step)), _params(single), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
