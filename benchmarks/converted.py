@@ -24,35 +24,23 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_
 import argparse
 import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.models import _median_seconds
 from difflax.hub import convert_autoencoder_kl, convert_dit
-
-
-def timed(fn, warmup, repeats):
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
 
 
 def compare(name, jax_fn, torch_fn, args):
     """Interleaved repeats of both; returns a result row."""
     jax_out, torch_out = np.asarray(jax_fn()), np.asarray(torch_fn())
     rel = float(np.linalg.norm(jax_out - torch_out) / np.linalg.norm(torch_out))
-    jt, tt = [], []
-    for _ in range(args.repeats):
-        jt += timed(jax_fn, args.warmup if not jt else 0, 1)
-        tt += timed(torch_fn, args.warmup if not tt else 0, 1)
-    j, t = statistics.median(jt), statistics.median(tt)
+    for _ in range(args.warmup):
+        jax_fn(), torch_fn()
+    times = [(_median_seconds(jax_fn, 0, 1), _median_seconds(torch_fn, 0, 1)) for _ in range(args.repeats)]
+    j, t = (statistics.median(side) for side in zip(*times, strict=True))
     print(f"{name:36s} difflax {j * 1e3:9.1f} ms   diffusers {t * 1e3:9.1f} ms   ratio {t / j:5.2f}x   "
           f"rel. L2 {rel:.1e}", flush=True)
     return {"model": name, "difflax_ms": j * 1e3, "diffusers_ms": t * 1e3, "ratio": t / j, "rel_l2": rel}

@@ -21,15 +21,13 @@ import argparse
 import importlib
 import json
 import os
-import tempfile
-import time
 
 import jax
 import numpy as np
 
+from benchmarks import train as train_benchmark
 from difflax.data import ArrayDataset
-from difflax.train import Trainer, shard_batch
-from difflax.train.throughput import peak_tflops, step_flops, throughput
+from difflax.train.throughput import peak_tflops, throughput
 
 MODELS = {  # name: (recipe, DiT size or None, example shape, classes)
     "dit-s": ("imagenet256_dit_latent", "S/2", (32, 32, 4), 1000),
@@ -62,24 +60,12 @@ def recipe(name: str, batch: int | None, dtype: str, depth: int | None = None):
 
 def measure(name: str, batch: int | None, steps: int, dtype: str, depth: int | None = None) -> dict:
     config, data = recipe(name, batch, dtype, depth)
-    with tempfile.TemporaryDirectory() as workdir:
-        trainer = Trainer(config, workdir, dataset=data)
-        state = trainer.init_state()
-        batches = [shard_batch(data.batch(0, i, config.train.batch_size), trainer.mesh) for i in range(steps + 1)]
-        flops = step_flops(trainer._step.lower(state, batches[0]))
-        params = sum(x.size for x in jax.tree.leaves(state.params))
-        state, metrics = trainer._step(state, batches[0])
-        jax.block_until_ready(metrics)
-        start = time.perf_counter()
-        for b in batches[1:]:
-            state, metrics = trainer._step(state, b)
-        jax.block_until_ready(metrics)
-        seconds = (time.perf_counter() - start) / steps
-    devices = trainer.mesh.devices.size
-    peak = peak_tflops(jax.devices()[0].device_kind)
-    values = throughput(1.0 / seconds, config.train.batch_size, flops, devices, peak)
-    return {"model": name, "params": params, "batch": config.train.batch_size, "devices": devices,
-            "mesh": dict(trainer.mesh.shape), "step_seconds": seconds, "flops_per_step": flops,
+    r = train_benchmark.measure(config, steps, dataset=data)
+    devices = int(np.prod(list(r["mesh"].values())))
+    values = throughput(r["steps_per_sec"], config.train.batch_size, r["flops_per_step"], devices,
+                        peak_tflops(jax.devices()[0].device_kind))
+    return {"model": name, "params": r["params"], "batch": config.train.batch_size, "devices": devices,
+            "mesh": r["mesh"], "step_seconds": 1.0 / r["steps_per_sec"], "flops_per_step": r["flops_per_step"],
             "images_per_sec_per_device": values["images_per_sec"] / devices,
             "tflops_per_device": values.get("tflops_per_device"), "mfu": values.get("mfu")}
 

@@ -20,20 +20,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def measure(config, steps: int, devices=None, dataset=None) -> dict:
-    """Time ``steps`` jitted train steps after one warm-up (compile) step."""
+    """Time ``steps`` jitted train steps after one warm-up (compile) step; also the step's FLOPs
+    (:func:`difflax.train.throughput.step_flops`), the parameter count and the mesh."""
     import tempfile
 
     import jax
 
     from difflax.train import Trainer, make_mesh, shard_batch
+    from difflax.train.throughput import step_flops
 
-    mesh = make_mesh(jax.devices() if devices is None else jax.devices()[:devices])
+    mesh = None if devices is None else make_mesh(jax.devices()[:devices])  # None: the recipe's mesh
     with tempfile.TemporaryDirectory() as workdir:
         trainer = Trainer(config, workdir, mesh=mesh, dataset=dataset)
         state = trainer.init_state()
         batches = [
-            shard_batch(trainer.dataset.batch(0, i, config.train.batch_size), mesh) for i in range(steps + 1)
+            shard_batch(trainer.dataset.batch(0, i, config.train.batch_size), trainer.mesh) for i in range(steps + 1)
         ]
+        flops = step_flops(trainer._step.lower(state, batches[0]))
+        params = sum(x.size for x in jax.tree.leaves(state.params))
         state, metrics = trainer._step(state, batches[0])
         jax.block_until_ready(metrics)
         start = time.perf_counter()
@@ -41,7 +45,8 @@ def measure(config, steps: int, devices=None, dataset=None) -> dict:
             state, metrics = trainer._step(state, batch)
         jax.block_until_ready(metrics)
         seconds = time.perf_counter() - start
-    return {"steps_per_sec": steps / seconds, "images_per_sec": steps * config.train.batch_size / seconds}
+    return {"steps_per_sec": steps / seconds, "images_per_sec": steps * config.train.batch_size / seconds,
+            "flops_per_step": flops, "params": params, "mesh": dict(trainer.mesh.shape)}
 
 
 def cifar_like_config(batch: int):

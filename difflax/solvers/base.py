@@ -90,7 +90,7 @@ class Solver(abc.ABC):
     evals_per_step: int = 1
     default_grid: str = "logsnr"
     stochastic: bool = False
-    staged: bool = False
+    staged: bool = False  # True: the solver also defines stage() (module docstring)
 
     def init(self, process, x: Array) -> Any:
         """The solver's state at the start (and after a jump up in time): none by default."""
@@ -100,13 +100,9 @@ class Solver(abc.ABC):
     def step(self, denoise: Callable, process, x: Array, state, step: Step) -> tuple[Array, Any]:
         """One step from ``step.t`` to ``step.t_next``: ``(x_next, state_next)``."""
 
-    def stage(self, denoise: Callable, process, x: Array, state, step: Step) -> tuple[Array, Any]:
-        """The part of the step around its evaluation number ``step.stage`` (``staged`` solvers only)."""
-        raise NotImplementedError(f"{type(self).__name__} is not staged.")
-
     def advance(self, denoise: Callable, process, x: Array, state, step: Step) -> tuple[Array, Any]:
-        """What the loop calls: :meth:`step` (or :meth:`stage`), or on the final step (``step.final``)
-        ``x0 = D(x, step.t)``.
+        """What the loop calls: :meth:`step` (a staged solver's ``stage``), or on the final step
+        (``step.final``) ``x0 = D(x, step.t)``.
 
         The final denoising step is the step's own first evaluation, ``D(x, t)`` (the limit of every
         solver's step to ``sigma = 0``), so no other copy of the network is needed; the step's later
