@@ -48,6 +48,7 @@ __all__ = [
     "edm_preconditioning",
     "from_pair",
     "from_x0",
+    "network_input",
     "preconditioning",
     "to_x0",
 ]
@@ -182,11 +183,7 @@ def as_denoiser(
     """
     check_prediction(prediction, (*PREDICTIONS, "edm"))
     if prediction == "edm":
-        sd = sigma_data if sigma_data is not None else getattr(process, "sigma_data", 0.5)
-
-        def scaling(t):
-            alpha, sigma = process.alpha_sigma(t)
-            return alpha, *edm_preconditioning(sigma / alpha, sd)
+        scaling = _edm_scaling(process, sigma_data)
 
         def denoise_edm(x_t, t):
             alpha, c_skip, c_out, c_in, c_noise = once_per_batch(scaling, t)
@@ -205,6 +202,37 @@ def as_denoiser(
         return to_x0(out, prediction, x_t, *_coefficients(process, t, x_t, prediction == "velocity"))
 
     return denoise
+
+
+def _edm_scaling(process: Process, sigma_data: float | None):
+    """``t -> (alpha, c_skip, c_out, c_in, c_noise)``: EDM's preconditioning at ``sigma / alpha``
+    (``sigma_data`` defaults to the process's own, else 0.5)."""
+    sd = sigma_data if sigma_data is not None else getattr(process, "sigma_data", 0.5)
+
+    def scaling(t):
+        alpha, sigma = process.alpha_sigma(t)
+        return alpha, *edm_preconditioning(sigma / alpha, sd)
+
+    return scaling
+
+
+def network_input(process: Process, prediction: str = "eps", *, sigma_data: float | None = None):
+    """``(x_t, t) -> (x, noise)``: what :func:`as_denoiser` feeds its network, ``apply_fn(x, noise)``.
+
+    ``(x_t, t)`` itself, or for ``prediction="edm"`` the preconditioned ``(c_in x_t / alpha, c_noise)``.
+    Used to read a network's inner features at the input its denoiser gives it (the discriminator
+    head of DMD2 sits on the fake denoiser's features).
+    """
+    check_prediction(prediction, (*PREDICTIONS, "edm"))
+    if prediction != "edm":
+        return lambda x_t, t: (x_t, t)
+    scaling = _edm_scaling(process, sigma_data)
+
+    def edm_input(x_t, t):
+        alpha, _, _, c_in, c_noise = once_per_batch(scaling, t)
+        return broadcast_to(c_in, x_t) * (x_t / broadcast_to(alpha, x_t)), c_noise
+
+    return edm_input
 
 
 def denoiser_to(denoise: Denoiser, process: Process, target: str) -> Callable[[Array, Array], Array]:

@@ -293,6 +293,43 @@ def test_guidance_distillation_loss_zero_for_the_guided_teacher(x64, key):
                                                              null=null))) > 1e-4
 
 
+def test_ect_pairs_and_stage_zero_fixed_point(x64, key):
+    """ECT's pair ``r = max(s (1 - n(s) / q^a), s_min)``, ``n(s) = 1 + 8 sigmoid(-s)``, against NumPy; at stage 0
+    every pair ends at ``s_min``, and the loss (L2 distance) is minimal at the posterior mean of its target
+    ``x0 + s_min z``.
+
+    For data ``N(mu, sd^2)`` in one dimension and ``x_s = x0 + s z`` the target's posterior mean is linear:
+    ``mu + (sd^2 + s_min s) / (sd^2 + s^2) (x_s - mu)``; the student ``f_c`` scales its slope by ``c``.
+    """
+    s = jnp.array([0.01, 0.3, 1.0, 5.0, 80.0])
+    s_min = 0.002
+    n = 1 + 8 / (1 + np.exp(np.asarray(s)))
+    for stage in (0, 1, 3, 7):
+        expected = np.maximum(np.asarray(s) * (1 - n / 2.0**stage), s_min)
+        np.testing.assert_allclose(distill.ect_pair(s, stage, s_min), expected, rtol=1e-12)
+    assert bool(jnp.all(distill.ect_pair(s, 0, s_min) == s_min))
+
+    process, mu, sd, num = difflax.EDM(), 0.4, 0.5, 400_000
+    x0 = mu + sd * jax.random.normal(key, (num, 1), jnp.float64)
+
+    def student(c):
+        def f(x_t, t):
+            slope = (sd**2 + s_min * t) / (sd**2 + t**2)
+            return mu + c * slope[:, None] * (x_t - mu)
+
+        return f
+
+    def loss(c):  # the target at s_min is the identity, as for every consistency function
+        f = student(c)
+        identity = lambda x, t: x
+        return jnp.mean(distill.ect_loss(f, identity, process, x0, jax.random.key(3), stage=0, distance_kind="l2"))
+
+    grad = jax.grad(loss)  # linear in c: the loss is a weighted least-squares fit of the slope
+    curvature = (float(grad(1.1)) - float(grad(0.9))) / 0.2
+    optimum = 1.0 - float(grad(1.0)) / curvature
+    assert curvature > 0 and abs(optimum - 1.0) < 0.002, (optimum, curvature)
+
+
 # ------------------------------------------------------------------ DMD
 def test_dmd_generator_gradient(x64, key):
     """dL/dx is the normalized denoiser difference, and vanishes when the fake model equals the real one."""
@@ -354,6 +391,43 @@ def test_dmd_fake_loss_closed_form_on_gaussians(x64, key):
 
         loss = distill.dmd_fake_loss(fake, process, point, jax.random.key(5), weighting=weighting)
         np.testing.assert_allclose(loss, jnp.mean(delta**2, axis=1), rtol=1e-10)
+
+
+def test_dmd2_gan_losses_fixed_point_is_the_log_density_ratio(x64, key):
+    """The discriminator loss is stationary at the log ratio of the noised real and fake densities
+    (Goodfellow et al. 2014, proposition 1, at every noise level), and not at a scaled one; the
+    generator's GAN gradient moves fake samples toward the real ones.
+
+    Real ``N(m_r, s^2)`` and fake ``N(m_f, s^2)`` in one dimension under EDM noise ``sigma(t)``: both noised
+    marginals have variance ``v = s^2 + sigma^2``, so the optimal logit is
+    ``L(x, t) = ((x - m_f)^2 - (x - m_r)^2) / (2 v)``. The critic ``theta L`` has expected loss gradient
+    ``d/dtheta = E_real[-sigmoid(-L) L] + E_fake[sigmoid(L) L]``, zero at ``theta = 1``.
+    """
+    process, num, s, m_r, m_f = difflax.EDM(), 400_000, 0.3, 0.5, -0.4
+
+    def log_ratio(x_t, t):
+        v = s**2 + process.sigma(t) ** 2
+        return ((x_t[:, 0] - m_f) ** 2 - (x_t[:, 0] - m_r) ** 2) / (2 * v)
+
+    k_r, k_f, k_loss = jax.random.split(key, 3)
+    real = m_r + s * jax.random.normal(k_r, (num, 1), jnp.float64)
+    fake = m_f + s * jax.random.normal(k_f, (num, 1), jnp.float64)
+
+    def loss(theta):
+        return jnp.mean(distill.dmd_critic_loss(lambda x, t: theta * log_ratio(x, t), fake, real, process, k_loss))
+
+    grad = jax.grad(loss)
+    assert abs(float(grad(1.0))) < 2e-3, float(grad(1.0))
+    assert float(grad(0.5)) < -0.02 and float(grad(2.0)) > 0.02  # a convex loss around its minimum
+    # constant logits: the losses are softplus(-c) + softplus(c) and softplus(-c) exactly
+    c = 0.7
+    np.testing.assert_allclose(
+        distill.dmd_critic_loss(lambda x, t: jnp.full(x.shape[:1], c), fake[:8], real[:8], process, key),
+        jax.nn.softplus(-c) + jax.nn.softplus(c),
+        rtol=1e-14,
+    )
+    gen = jax.grad(lambda x: jnp.sum(distill.dmd_generator_gan_loss(log_ratio, x, process, k_loss)))(fake)
+    assert float(jnp.mean(gen)) < 0 and float(jnp.mean(gen < 0)) == 1.0  # every descent step moves toward m_r
 
 
 # ------------------------------------------------------------------ trajectories

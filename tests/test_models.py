@@ -21,6 +21,7 @@ from difflax.models import (
     DIT_CONFIGS,
     DiT,
     DiTBlock,
+    FeatureCritic,
     MLPResNet,
     UNet,
     dit,
@@ -635,3 +636,32 @@ def test_unknown_dit_config_lists_known():
 def test_unknown_embedding():
     with pytest.raises(ValueError, match="'learned'"):
         MLPResNet(**TINY_MLP, embedding="learned").init(jax.random.key(0), np.ones((1, 2), np.float32), 0.5)
+
+
+@pytest.mark.parametrize(
+    "model, shape, bottleneck",
+    [
+        (UNet(**FLAT_UNET), (3, 8, 8, 1), "mid_block2"),
+        (DiT(**TINY_DIT), (3, 8, 8, 1), "block0"),
+        (MLPResNet(**TINY_MLP), (3, 2), "block1"),
+    ],
+)
+def test_bottleneck_features_at_the_denoisers_input(model, shape, bottleneck):
+    """``make_features`` returns the output of the bottleneck module (as Flax captures it) at the input the EDM
+    denoiser gives the network, ``(c_in x_t, c_noise)``; sowing changes neither the output nor what a plain
+    call returns."""
+    from difflax.train.builders import make_features
+
+    process = difflax.EDM()
+    x_t, t = 3.0 * normal(shape), jnp.array([0.3, 2.0, 40.0])
+    params = random_params(model, 0, x_t, t)
+    features = make_features(model, params, process, "edm")(x_t, t)
+    sigma = np.asarray(t)
+    c_in = (1 / np.sqrt(sigma**2 + 0.25)).reshape((3,) + (1,) * (len(shape) - 1))
+    c_noise = np.log(sigma) / 4
+    out, captured = model.apply({"params": params}, c_in * x_t, c_noise, capture_intermediates=True)
+    np.testing.assert_allclose(features, captured["intermediates"][bottleneck]["__call__"][0], rtol=1e-6, atol=1e-6)
+    plain = model.apply({"params": params}, c_in * x_t, c_noise)  # an array: nothing sown without asking
+    np.testing.assert_array_equal(plain, out)
+    logits = FeatureCritic().init_with_output(jax.random.key(0), features)[0]
+    assert logits.shape == (3,)

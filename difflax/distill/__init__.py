@@ -6,10 +6,12 @@ trained), so it composes with any network and any optimizer;
 
 * :mod:`~difflax.distill.progressive`: progressive distillation (Salimans & Ho 2022).
 * :mod:`~difflax.distill.consistency`: consistency distillation and training (Song et al.
-  2023), with the improved recipe (Song & Dhariwal 2024) and multistep sampling.
+  2023), with the improved recipe (Song & Dhariwal 2024), easy consistency tuning (ECT, Geng et al.
+  2024) and multistep sampling.
 * :mod:`~difflax.distill.reflow`: reflow on teacher couplings and path straightness (Liu et al. 2023).
 * :mod:`~difflax.distill.guidance`: guidance distillation (Meng et al. 2023).
-* :mod:`~difflax.distill.dmd`: distribution matching distillation (Yin et al. 2024) / Diff-Instruct.
+* :mod:`~difflax.distill.dmd`: distribution matching distillation (Yin et al. 2024) / Diff-Instruct, and
+  DMD2's GAN losses on a head over the fake denoiser's features (Yin et al. 2024b).
 * :mod:`~difflax.distill.advkd`: adversarial knowledge distillation, Adv-KD (Mekonnen et al. 2023).
 * :mod:`~difflax.distill.meanflow`: MeanFlow, one-step generation with the average velocity (Geng et al. 2025).
 * :mod:`~difflax.distill.shortcut`: shortcut models, conditioned on the step size (Frans et al. 2024).
@@ -38,12 +40,20 @@ from difflax.distill.consistency import (
     ct_curriculum,
     ct_target_decay,
     distance,
+    ect_loss,
+    ect_pair,
     ict_curriculum,
     karras_levels,
     ode_step,
     sample_level_index,
 )
-from difflax.distill.dmd import dmd_fake_loss, dmd_generator_loss, dmd_regression_loss
+from difflax.distill.dmd import (
+    dmd_critic_loss,
+    dmd_fake_loss,
+    dmd_generator_gan_loss,
+    dmd_generator_loss,
+    dmd_regression_loss,
+)
 from difflax.distill.guidance import guidance_distillation_loss
 from difflax.distill.meanflow import (
     adaptive_weight,
@@ -80,11 +90,15 @@ __all__ = [
     "ct_curriculum",
     "ct_target_decay",
     "distance",
+    "dmd_critic_loss",
     "dmd_fake_loss",
+    "dmd_generator_gan_loss",
     "dmd_generator_loss",
     "dmd_regression_loss",
     "downsample",
     "downsample_targets",
+    "ect_loss",
+    "ect_pair",
     "edm_as_trigflow",
     "generator_loss",
     "gradient_penalty",

@@ -21,6 +21,9 @@ A consistency function maps any point of a probability-flow ODE trajectory to it
   ``sqrt(|x - y|^2 + c^2) - c`` with ``c = 0.00054 sqrt(d)``, ``lambda(s_n) = 1 / (s_{n+1} - s_n)``,
   the discretized log-normal over ``n`` (``P_mean = -1.1``, ``P_std = 2``), the exponential
   step-count curriculum, and no EMA target.
+* Easy consistency tuning (ECT, Geng et al. 2024): continuous log-normal levels, the lower level of each
+  pair ``r = s (1 - n(s) / q^stage)`` shrinking stage by stage from ``s_min`` (a denoising loss, where a
+  trained diffusion model already is) towards ``s``, weight ``1 / (s - r)``.
 * Multistep sampling (Song et al. 2023, alg. 1).
 """
 
@@ -43,6 +46,8 @@ __all__ = [
     "ct_curriculum",
     "ct_target_decay",
     "distance",
+    "ect_loss",
+    "ect_pair",
     "ict_curriculum",
     "karras_levels",
     "ode_step",
@@ -57,6 +62,15 @@ def _scaled(process, t):
     """``(alpha, s = sigma / alpha)`` at ``t``."""
     alpha, sigma = process.alpha_sigma(t)
     return alpha, sigma / alpha
+
+
+def _level_range(process, dtype, s_min, s_max):
+    """``(s_min, s_max)``, each defaulting to the process's noise level at ``t_min`` / ``t_max``."""
+    if s_min is None:
+        s_min = _scaled(process, jnp.asarray(process.t_min, dtype))[1]
+    if s_max is None:
+        s_max = _scaled(process, jnp.asarray(process.t_max, dtype))[1]
+    return s_min, s_max
 
 
 def _time_of_level(process, s):
@@ -212,17 +226,21 @@ def consistency_loss(
     """
     if weighting not in ("uniform", "inverse_gap"):
         raise ValueError(f"weighting must be 'uniform' or 'inverse_gap'; got {weighting!r}.")
-    if s_min is None:
-        s_min = _scaled(process, jnp.asarray(process.t_min, x0.dtype))[1]
-    if s_max is None:
-        s_max = _scaled(process, jnp.asarray(process.t_max, x0.dtype))[1]
+    s_min, s_max = _level_range(process, x0.dtype, s_min, s_max)
     k_n, k_z = jax.random.split(key)
     batch = x0.shape[0]
     levels = karras_levels(num_levels, s_min, s_max, rho, max_levels)
     n = sample_level_index(k_n, (batch,), levels, num_levels, noise)
     s_lo, s_hi = levels[n], levels[n + 1]
-    t_lo, t_hi = _time_of_level(process, s_lo), _time_of_level(process, s_hi)
+    lam = 1.0 / (s_hi - s_lo) if weighting == "inverse_gap" else jnp.ones_like(s_lo)
     z = jax.random.normal(k_z, x0.shape, x0.dtype)
+    return lam * _pair_distance(student, target, process, x0, z, s_lo, s_hi, teacher, method, distance_kind)
+
+
+def _pair_distance(student, target, process, x0, z, s_lo, s_hi, teacher, method, distance_kind):
+    """``d(f_theta(x_hi, s_hi), sg f_theta-(x_lo, s_lo))`` with ``x_hi = x0 + s_hi z`` (scaled) and ``x_lo``
+    one teacher ODE step from it (distillation) or ``x0 + s_lo z`` (training)."""
+    t_lo, t_hi = _time_of_level(process, s_lo), _time_of_level(process, s_hi)
     a_hi, _ = _scaled(process, t_hi)
     x_hi = broadcast_to(a_hi, x0) * (x0 + broadcast_to(s_hi, x0) * z)
     if teacher is None:
@@ -232,8 +250,47 @@ def consistency_loss(
         x_lo = jax.lax.stop_gradient(ode_step(teacher, process, x_hi, t_hi, t_lo, method))
     pred = student(x_hi, t_hi)
     goal = jax.lax.stop_gradient(target(x_lo, t_lo))
-    lam = 1.0 / (s_hi - s_lo) if weighting == "inverse_gap" else jnp.ones_like(s_lo)
-    return lam * distance(pred, goal, distance_kind)
+    return distance(pred, goal, distance_kind)
+
+
+def ect_pair(s, stage, s_min, *, q: float = 2.0, k: float = 8.0, b: float = 1.0):
+    """ECT's smaller level ``r`` for level ``s`` at curriculum stage ``stage`` (Geng et al. 2024, eq. 9):
+    ``r = max(s (1 - n(s) / q^stage), s_min)`` with ``n(s) = 1 + k sigmoid(-b s)``. At stage 0, ``r = s_min``
+    for every ``s`` (the loss is a denoising loss, the teacher's own objective); each stage divides the
+    gap ``s - r`` by ``q``, towards the continuous-time limit."""
+    ratio = 1.0 - (1.0 + k * jax.nn.sigmoid(-b * s)) / jnp.asarray(q, s.dtype) ** stage
+    return jnp.maximum(s * ratio, s_min)
+
+
+def ect_loss(
+    student,
+    target,
+    process,
+    x0,
+    key,
+    *,
+    stage,
+    teacher=None,
+    method: str = "heun",
+    distance_kind: str = "pseudo_huber",
+    q: float = 2.0,
+    p_mean: float = -1.1,
+    p_std: float = 2.0,
+    s_min: float | None = None,
+    s_max: float | None = None,
+):
+    """Per-example easy consistency tuning loss (ECT, Geng et al. 2024): consistency training
+    (``teacher=None``) or distillation on continuous levels, ``ln s ~ N(P_mean, P_std^2)`` clipped to
+    ``[2 s_min, s_max]``, the pair's lower level from :func:`ect_pair` at ``stage`` (may be traced), and
+    the weight ``1 / (s - r)``. Started from a trained diffusion model, stage 0 is that model's fixed point:
+    ``f(x_s, s) = E[x0 | x_s]`` is what the pair ``(s, s_min)`` asks for."""
+    s_min, s_max = _level_range(process, x0.dtype, s_min, s_max)
+    k_s, k_z = jax.random.split(key)
+    batch = x0.shape[0]
+    s_hi = jnp.clip(jnp.exp(p_mean + p_std * jax.random.normal(k_s, (batch,), x0.dtype)), 2 * s_min, s_max)
+    s_lo = ect_pair(s_hi, stage, s_min, q=q)
+    z = jax.random.normal(k_z, x0.shape, x0.dtype)
+    return _pair_distance(student, target, process, x0, z, s_lo, s_hi, teacher, method, distance_kind) / (s_hi - s_lo)
 
 
 def consistency_sample(f, process, x_T, key, ts):

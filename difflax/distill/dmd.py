@@ -16,6 +16,14 @@ denoiser minimizes the ordinary denoising loss on ``stop_gradient(G(z))``. DMD a
 mode collapse; the paper uses LPIPS, difflax an L2 distance (:func:`dmd_regression_loss`).
 Diff-Instruct (Luo et al. 2023) is the same generator gradient without normalization or
 regression (``normalize=False``).
+
+DMD2 (Yin et al. 2024b, "Improved distribution matching distillation for fast image synthesis")
+drops the regression loss and keeps DMD stable by a two time-scale update (the fake denoiser takes
+several steps per generator step) and adds a GAN: a small head ``D`` on the fake denoiser's bottleneck
+features classifies noised real data against noised generated samples, with the non-saturating loss
+(Goodfellow et al. 2014; DMD2 eq. 5-6) at ``t`` drawn as for the distribution-matching gradient:
+
+    L_D = softplus(-D(x_t^real, t)) + softplus(D(x_t^fake, t)),      L_G^GAN = softplus(-D(x_t^fake, t)).
 """
 
 from __future__ import annotations
@@ -25,7 +33,13 @@ import jax.numpy as jnp
 
 from difflax.losses import denoising_loss, sample_t_logsnr_uniform
 
-__all__ = ["dmd_fake_loss", "dmd_generator_loss", "dmd_regression_loss"]
+__all__ = [
+    "dmd_critic_loss",
+    "dmd_fake_loss",
+    "dmd_generator_gan_loss",
+    "dmd_generator_loss",
+    "dmd_regression_loss",
+]
 
 
 def _sample_t(key, batch, process, t_range, dtype):
@@ -75,3 +89,26 @@ def dmd_regression_loss(generated, teacher_samples):
     """Per-example mean squared distance between ``G(z_ref)`` and the teacher's sample from ``z_ref``."""
     batch = generated.shape[0]
     return jnp.mean(jnp.square(generated - teacher_samples).reshape(batch, -1), axis=1)
+
+
+def _noised(x, process, key, t_range):
+    k_t, k_eps = jax.random.split(key)
+    t = _sample_t(k_t, x.shape[0], process, t_range, x.dtype)
+    return process.marginal(x, t, jax.random.normal(k_eps, x.shape, x.dtype)), t
+
+
+def dmd_generator_gan_loss(critic, x, process, key, *, t_range=(0.02, 0.98)):
+    """Per-example non-saturating GAN loss ``softplus(-D(x_t, t))`` of generated samples ``x``
+    (differentiable in ``x``); ``critic(x_t, t) -> logits`` is held fixed by the caller."""
+    x_t, t = _noised(x, process, key, t_range)
+    return jax.nn.softplus(-critic(x_t, t))
+
+
+def dmd_critic_loss(critic, x_fake, x_real, process, key, *, t_range=(0.02, 0.98)):
+    """Per-example discriminator loss ``softplus(-D(x_t^real)) + softplus(D(x_t^fake))`` of the GAN head
+    ``critic(x_t, t) -> logits``, on ``stop_gradient(x_fake)`` and the data ``x_real`` noised to independent
+    levels (both batches the same size)."""
+    k_fake, k_real = jax.random.split(key)
+    fake_t, t_f = _noised(jax.lax.stop_gradient(x_fake), process, k_fake, t_range)
+    real_t, t_r = _noised(x_real, process, k_real, t_range)
+    return jax.nn.softplus(-critic(real_t, t_r)) + jax.nn.softplus(critic(fake_t, t_f))

@@ -13,6 +13,8 @@ model and its parameters).
 * :class:`AutoencoderKL`: the KL-regularized autoencoder of latent diffusion (Rombach et al. 2022),
   in the layout of the Stable Diffusion VAE.
 * :class:`MLPResNet`: residual MLP for low-dimensional data.
+* :class:`FeatureCritic`: a discriminator head on the bottleneck features the U-Net, DiT and MLP sow
+  (:data:`FEATURES`), the GAN of DMD2 (:func:`difflax.train.distill.dmd2`).
 * :class:`AdvKDStudent`, :class:`AdvKDCritics`: the one-pass student and per-stage critics of
   adversarial knowledge distillation (:mod:`difflax.distill.advkd`).
 """
@@ -27,13 +29,14 @@ from difflax.models.embeddings import (
     fourier_features,
     sinusoidal_embedding,
 )
-from difflax.models.layers import SelfAttention
+from difflax.models.layers import FEATURES, FeatureCritic, SelfAttention
 from difflax.models.mlp import MLPResBlock, MLPResNet
 from difflax.models.unet import AttentionBlock, ResBlock, UNet
 from difflax.models.unet2d import UNet2D
 
 __all__ = [
     "DIT_CONFIGS",
+    "FEATURES",
     "AdvKDCritics",
     "AdvKDStudent",
     "AttentionBlock",
@@ -44,6 +47,7 @@ __all__ = [
     "DiTBlock",
     "DiTTransformer2D",
     "DiagonalGaussian",
+    "FeatureCritic",
     "MLPResBlock",
     "MLPResNet",
     "ResBlock",

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from difflax.models.embeddings import ConditionEmbedding
-from difflax.models.layers import SelfAttention, maybe_remat, with_self_condition
+from difflax.models.layers import FEATURES, SelfAttention, maybe_remat, with_self_condition
 
 Array = jax.Array
 Dtype = Any
@@ -205,6 +205,8 @@ class DiT(nn.Module):
             h = block(
                 self.hidden_size, self.num_heads, self.mlp_ratio, self.dropout, not train, **kw, name=f"block{i}"
             )(h, c)
+            if i == (self.depth - 1) // 2:
+                self.sow("intermediates", FEATURES, h)
         h = FinalLayer(self.hidden_size, p, out_channels, **kw, name="final_layer")(h, c)
 
         h = h.reshape(batch, grid_h, grid_w, p, p, out_channels).transpose(0, 1, 3, 2, 4, 5)

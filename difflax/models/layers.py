@@ -11,7 +11,13 @@ import jax.numpy as jnp
 Array = jax.Array
 Dtype = Any
 
-__all__ = ["SelfAttention", "maybe_remat", "with_self_condition"]
+__all__ = ["FEATURES", "FeatureCritic", "SelfAttention", "maybe_remat", "with_self_condition"]
+
+# The name under which the U-Net, DiT and MLP sow their bottleneck features (``intermediates``
+# collection): the U-Net's middle block, the DiT's middle block, the MLP's last block. They are
+# read with ``mutable=["intermediates"]`` (:func:`difflax.train.builders.make_features`); a plain
+# call does not store them.
+FEATURES = "features"
 
 
 class SelfAttention(nn.Module):
@@ -83,3 +89,30 @@ def maybe_remat(module_cls, remat: bool | str):
         raise ValueError(f"remat must be True, False or one of {', '.join(map(repr, REMAT_POLICIES))}; got {remat!r}.")
     policy = REMAT_POLICIES[name]
     return nn.remat(module_cls) if policy is None else nn.remat(module_cls, policy=policy)
+
+
+class FeatureCritic(nn.Module):
+    """A discriminator head on a network's sown :data:`FEATURES` (DMD2, Yin et al. 2024, section 4.3):
+    one logit per example.
+
+    Feature maps ``(batch, H, W, C)`` go through a strided 4x4 convolution, group norm and SiLU, then are
+    averaged over space; token features ``(batch, N, C)`` are averaged over tokens; flat features are used
+    as they are. A two-layer MLP (``width``, SiLU) gives the logit.
+    """
+
+    width: int = 64
+    norm_groups: int = 8
+
+    @nn.compact
+    def __call__(self, h: Array) -> Array:
+        h = h.astype(jnp.float32)
+        if h.ndim == 4:
+            h = nn.Conv(h.shape[-1], (4, 4), strides=(2, 2), padding="SAME", name="conv")(h)
+            groups = self.norm_groups if h.shape[-1] % self.norm_groups == 0 else 1
+            h = jnp.mean(nn.silu(nn.GroupNorm(groups, name="norm")(h)), axis=(1, 2))
+        elif h.ndim == 3:
+            h = jnp.mean(nn.LayerNorm(name="norm")(h), axis=1)
+        elif h.ndim != 2:
+            raise ValueError(f"features must have 2, 3 or 4 axes (flat, tokens or NHWC); got shape {h.shape}.")
+        h = nn.silu(nn.Dense(self.width, name="dense0")(h))
+        return nn.Dense(1, name="dense1")(h)[:, 0]

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from difflax.models.embeddings import ConditionEmbedding
-from difflax.models.layers import maybe_remat, with_self_condition
+from difflax.models.layers import FEATURES, maybe_remat, with_self_condition
 
 Array = jax.Array
 Dtype = Any
@@ -92,6 +92,7 @@ class MLPResNet(nn.Module):
         block = maybe_remat(MLPResBlock, self.remat)
         for i in range(self.num_blocks):
             h = block(self.features, self.expansion, self.dropout, not train, **kw, name=f"block{i}")(h, c)
+        self.sow("intermediates", FEATURES, h)
         h = nn.silu(nn.LayerNorm(dtype=jnp.float32, param_dtype=self.param_dtype, name="norm_out")(h))
         h = nn.Dense(math.prod(out_shape[1:]), kernel_init=nn.initializers.zeros_init(), **kw, name="dense_out")(h)
         return h.reshape(out_shape).astype(jnp.float32)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from difflax.models.embeddings import ConditionEmbedding
-from difflax.models.layers import SelfAttention, maybe_remat, with_self_condition
+from difflax.models.layers import FEATURES, SelfAttention, maybe_remat, with_self_condition
 
 Array = jax.Array
 Dtype = Any
@@ -260,6 +260,7 @@ class UNet(nn.Module):
         h = block(h, c, h.shape[-1], "mid_block1")
         h = attention(h, "mid_attn")
         h = block(h, c, h.shape[-1], "mid_block2")
+        self.sow("intermediates", FEATURES, h)
 
         for level in reversed(range(len(self.channel_mult))):
             for i in range(self.num_res_blocks + 1):

@@ -10,8 +10,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from difflax import losses
-from difflax.models import DiT, MLPResNet, UNet, dit
-from difflax.parametrization import as_denoiser
+from difflax.models import FEATURES, DiT, MLPResNet, UNet, dit
+from difflax.parametrization import as_denoiser, network_input
 from difflax.processes import get_process
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "init_params",
     "make_apply",
     "make_denoiser",
+    "make_features",
     "sample_t",
 ]
 
@@ -57,7 +58,9 @@ def build_process(config):
     return get_process(config.name, **dict(config.get("kwargs", {})))
 
 
-def make_apply(model, params, y=None, *, noise_scale: float = 1.0, train: bool = False, rng=None, w=None):
+def make_apply(
+    model, params, y=None, *, noise_scale: float = 1.0, train: bool = False, rng=None, w=None, features: bool = False
+):
     """``apply(x_t, noise) -> network output``: the network call that :func:`difflax.as_denoiser` wraps.
 
     Labels ``y`` (and the guidance strength ``w``) are closed over; the noise input (``t``,
@@ -65,13 +68,21 @@ def make_apply(model, params, y=None, *, noise_scale: float = 1.0, train: bool =
     give a positional embedding DDPM-like step indices when ``t`` lies in ``[0, 1]``. A
     network that also predicts variances (twice the channels of ``x_t``, e.g.
     ``DiT(learn_sigma=True)``, Nichol & Dhariwal 2021) contributes its first half, the
-    prediction of the mean; no loss here trains the variance half.
+    prediction of the mean; no loss here trains the variance half. ``features=True`` returns the
+    network's sown bottleneck features (:data:`difflax.models.FEATURES`) instead of its output.
     """
 
     def apply(x, noise):
         rngs = {"dropout": rng} if rng is not None else None
         extra = {} if w is None else {"w": w}
+        if features:
+            extra["mutable"] = ["intermediates"]
         out = model.apply({"params": params}, x, noise_scale * noise, y, train=train, rngs=rngs, **extra)
+        if features:
+            sown = out[1].get("intermediates", {}).get(FEATURES)
+            if sown is None:
+                raise ValueError(f"{type(model).__name__} sows no {FEATURES!r}; the U-Net, DiT and MLP do.")
+            return sown[0]
         if out.ndim == x.ndim and out.shape[-1] == 2 * x.shape[-1]:
             out = out[..., : x.shape[-1]]
         return out
@@ -90,6 +101,16 @@ def make_denoiser(
     """
     apply = make_apply(model, params, y, noise_scale=noise_scale, w=w)
     return as_denoiser(apply, process, prediction, sigma_data=sigma_data)
+
+
+def make_features(
+    model, params, process, prediction: str, y=None, *, noise_scale: float = 1.0, w=None, sigma_data=None
+):
+    """``features(x_t, t)``: the network's bottleneck features at the input its denoiser
+    (:func:`make_denoiser`) gives it (:func:`difflax.parametrization.network_input`)."""
+    apply = make_apply(model, params, y, noise_scale=noise_scale, w=w, features=True)
+    to_input = network_input(process, prediction, sigma_data=sigma_data)
+    return lambda x_t, t: apply(*to_input(x_t, t))
 
 
 def sample_t(config, key, shape, process):

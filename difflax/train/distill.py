@@ -9,6 +9,7 @@ whose student is a network of its own, is trained by :mod:`difflax.train.advkd`.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -19,6 +20,7 @@ import difflax
 from difflax import distill
 from difflax.train.fit import fit
 from difflax.train.flow_maps import meanflow, scm, shortcut
+from difflax.train.matching import dmd, dmd2
 from difflax.train.students import (
     Network,
     Student,
@@ -30,15 +32,18 @@ from difflax.train.students import (
     with_scalar_input,
 )
 
-# The shared pieces (difflax.train.students) and the flow-map runners (difflax.train.flow_maps) are
-# exported here too, so that every runner is ``difflax.train.distill.<method>``.
+# The shared pieces (difflax.train.students), the flow-map runners (difflax.train.flow_maps) and the
+# distribution-matching runners (difflax.train.matching) are exported here too, so that every runner is
+# ``difflax.train.distill.<method>``.
 __all__ = [
     "Network",
     "Student",
     "consistency",
     "dmd",
+    "dmd2",
     "flow_of",
     "guidance",
+    "guided_network",
     "meanflow",
     "optimizer",
     "progressive",
@@ -63,13 +68,20 @@ def progressive(
     learning_rate: float = 2e-4,
     grid: str = "karras",
     weighting="truncated_snr",
+    w_range: tuple[float, float] | None = None,
     seed: int = 0,
 ) -> Student:
     """Progressive distillation (Salimans & Ho 2022) from ``start_steps`` DDIM steps down to ``end_steps``.
 
     Each round halves the steps: the student (initialized from the current teacher) learns
     :func:`difflax.distill.progressive_loss` on the teacher's grid, then becomes the teacher.
+
+    ``w_range``: stage two of guidance distillation (Meng et al. 2023): the teacher is a guidance-distilled
+    student (:func:`guided_network` of :func:`guidance`'s result), every example draws its guidance strength
+    ``w`` uniformly from ``w_range`` and teacher and student both see it; the sampler takes ``w``.
     """
+    if w_range is not None and not getattr(teacher.model, "guidance_embedding", False):
+        raise ValueError("w_range needs a w-conditioned teacher: the guidance-distilled student (guided_network).")
     if start_steps % end_steps or (start_steps // end_steps) & (start_steps // end_steps - 1):
         raise ValueError(f"start_steps / end_steps must be a power of 2; got {start_steps} / {end_steps}.")
     process = teacher.process
@@ -81,7 +93,11 @@ def progressive(
 
         def loss_fn(p, batch, k, state, teacher_ts=teacher_ts):
             y = teacher.batch_labels(batch)
-            student, tch = teacher.denoiser(p, y), teacher.denoiser(batch["teacher"], y)
+            w = None
+            if w_range is not None:
+                k_w, k = jax.random.split(k)
+                w = jax.random.uniform(k_w, batch["x"].shape[:1], minval=w_range[0], maxval=w_range[1])
+            student, tch = teacher.denoiser(p, y, w), teacher.denoiser(batch["teacher"], y, w)
             loss = distill.progressive_loss(student, tch, process, batch["x"], k, teacher_ts, weighting=weighting)
             return jnp.mean(loss), {}
 
@@ -102,11 +118,14 @@ def progressive(
         rnd += 1
     final_ts = ts
 
-    def sample(p, k, x_T, y=None, steps=end_steps):
+    def sample(p, k, x_T, y=None, steps=end_steps, w=None):
         if steps != end_steps:
             raise ValueError(f"this student was distilled for {end_steps} steps; got steps={steps}.")
+        if (w is None) != (w_range is None):
+            raise ValueError("pass w exactly when the student was distilled with a w_range (guidance, stage two).")
+        w = None if w is None else jnp.full((x_T.shape[0],), w, jnp.float32)
         return difflax.sample(
-            teacher.denoiser(p, y), process, x_T, solver="ddim", grid=final_ts, steps=end_steps, final_zero=True
+            teacher.denoiser(p, y, w), process, x_T, solver="ddim", grid=final_ts, steps=end_steps, final_zero=True
         )[0]
 
     return Student("progressive", params, sample, time.perf_counter() - start, history)
@@ -130,6 +149,7 @@ def consistency(
     noise: str = "uniform",
     method: str = "heun",
     mid_level: float = 0.821,
+    ect_stages: int = 8,
     seed: int = 0,
     init_params_from=None,
 ) -> Student:
@@ -137,7 +157,9 @@ def consistency(
 
     ``curriculum``: ``None`` (fixed ``num_levels``), ``"ct"`` (Song et al. 2023, with the
     adaptive target EMA) or ``"ict"`` (Song & Dhariwal 2024: the doubling schedule, no EMA
-    target). ``target_ema`` is the target decay ``mu`` for a fixed ``num_levels`` (0: no EMA,
+    target) or ``"ect"`` (easy consistency tuning, Geng et al. 2024: :func:`difflax.distill.ect_loss` with
+    the stage ``floor(ect_stages k / K)``, no EMA target; ``num_levels``, ``weighting`` and ``noise`` do not
+    apply). ``target_ema`` is the target decay ``mu`` for a fixed ``num_levels`` (0: no EMA,
     the target is the stop-gradient of the student, as in improved CT). Returns a student
     whose ``sample(params, key, x_T, y, steps)`` is multistep consistency sampling with
     ``steps`` 1 or 2 (the second at noise level ``mid_level``, Song et al. 2023).
@@ -158,6 +180,8 @@ def consistency(
             return distill.ict_curriculum(step, steps)
 
         ema = 0.0
+    elif curriculum == "ect":
+        ema = 0.0
     elif curriculum is None:
         max_levels = num_levels
 
@@ -166,7 +190,7 @@ def consistency(
 
         ema = target_ema
     else:
-        raise ValueError(f"curriculum must be None, 'ct' or 'ict'; got {curriculum!r}.")
+        raise ValueError(f"curriculum must be None, 'ct', 'ict' or 'ect'; got {curriculum!r}.")
 
     def f(p, y):
         return distill.consistency_function(teacher.apply(p, y), process)
@@ -174,6 +198,21 @@ def consistency(
     def loss_fn(p, batch, k, state):
         y = teacher.batch_labels(batch)
         tch = teacher.denoiser(batch["teacher"], y) if distill_from_teacher else None
+        if curriculum == "ect":
+            stage = state.step * ect_stages // steps
+            student = f(p, y)
+            loss = distill.ect_loss(
+                student,
+                student,
+                process,
+                batch["x"],
+                k,
+                stage=stage,
+                teacher=tch,
+                method=method,
+                distance_kind=distance,
+            )
+            return jnp.mean(loss), {"stage": stage}
         loss = distill.consistency_loss(
             f(p, y),
             f(state.ema_params, y),
@@ -200,7 +239,8 @@ def consistency(
         ts = jnp.stack([jnp.asarray(process.t_max, jnp.float32), t_mid])[:steps]
         return distill.consistency_sample(f(p, y), process, x_T, k, ts)[0]
 
-    return Student("cd" if distill_from_teacher else "ct", state.params, sample, time.perf_counter() - start, history)
+    name = "ect" if curriculum == "ect" else "cd" if distill_from_teacher else "ct"
+    return Student(name, state.params, sample, time.perf_counter() - start, history)
 
 
 # ------------------------------------------------------------------ reflow
@@ -311,74 +351,10 @@ def guidance(
     return Student("guidance", state.params, sample, time.perf_counter() - start, history)
 
 
-# ------------------------------------------------------------------ distribution matching distillation
-def dmd(
-    teacher: Network,
-    key,
-    *,
-    steps: int = 1000,
-    batch_size: int = 64,
-    learning_rate: float = 1e-4,
-    num_pairs: int = 1024,
-    pair_solver: str = "heun",
-    pair_steps: int = 18,
-    regression_weight: float = 0.25,
-    fake_weighting: str = "edm",
-    generator_time: float | None = None,
-    seed: int = 0,
-) -> Student:
-    """Distribution matching distillation (Yin et al. 2024) into a one-step generator.
-
-    The generator is the teacher's network evaluated once, ``G(x_T) = D(x_T sigma(t_g) / sigma(t_max), t_g)``
-    with ``t_g = generator_time`` (default ``t_max``; an EDM teacher is poor at ``sigma = 80``,
-    a level its log-normal training rarely visits, so a lower ``t_g`` gives a better start), the
-    fake denoiser a second copy of the teacher; both
-    train with one loss (see :mod:`difflax.train.fit`): the distribution-matching gradient,
-    the fake denoiser's denoising loss, and ``regression_weight`` times the L2 regression to
-    ``num_pairs`` teacher (noise, sample) pairs.
-    """
-    process = teacher.process
-    shape = teacher.example_shape
-    k_pairs, k_fit = jax.random.split(key)
-    ref = teacher_pairs(teacher, k_pairs, num_pairs, pair_solver, pair_steps)
-    y_ref = ref.get("y")
-    t_max = jnp.asarray(process.t_max, jnp.float32)
-    t_g = t_max if generator_time is None else jnp.asarray(generator_time, jnp.float32)
-    scale = process.sigma(t_g) / process.sigma(t_max)
-
-    def generate(p, x_T, y):
-        return teacher.denoiser(p, y)(scale * x_T, jnp.full((x_T.shape[0],), t_g))
-
-    def batches(step):
-        idx = jax.random.randint(jax.random.fold_in(jax.random.key(seed), step), (batch_size,), 0, num_pairs)
-        batch = {"noise": ref["noise"][idx], "x0": ref["x0"][idx], "teacher": teacher.params}
-        if y_ref is not None:
-            batch["y_ref"] = y_ref[idx]
-        return batch
-
-    def loss_fn(p, batch, k, state):
-        k_z, k_y, k_gen, k_fake = jax.random.split(k, 4)
-        z = process.prior_sample(k_z, (batch_size, *shape))
-        y = teacher.labels(k_y, batch_size)
-        x = generate(p["gen"], z, y)
-        real = teacher.denoiser(batch["teacher"], y)
-        fake_frozen = teacher.denoiser(jax.lax.stop_gradient(p["fake"]), y)
-        l_gen = jnp.mean(distill.dmd_generator_loss(x, real, fake_frozen, process, k_gen))
-        l_fake = jnp.mean(
-            distill.dmd_fake_loss(teacher.denoiser(p["fake"], y), process, x, k_fake, weighting=fake_weighting)
-        )
-        l_reg = jnp.mean(
-            distill.dmd_regression_loss(generate(p["gen"], batch["noise"], batch.get("y_ref")), batch["x0"])
-        )
-        return l_gen + l_fake + regression_weight * l_reg, {"gen": l_gen, "fake": l_fake, "regression": l_reg}
-
-    start = time.perf_counter()
-    params = {"gen": teacher.params, "fake": teacher.params}
-    state, history = fit_student(loss_fn, params, batches, steps, learning_rate, k_fit, "dmd")
-
-    def sample(p, k, x_T, y=None, steps=1):
-        if steps != 1:
-            raise ValueError(f"a DMD generator takes one step; got steps={steps}.")
-        return generate(p["gen"], x_T, y)
-
-    return Student("dmd", state.params, sample, time.perf_counter() - start, history)
+def guided_network(teacher: Network, student: Student) -> Network:
+    """The guidance-distilled ``student`` of ``teacher`` (:func:`guidance`) as a :class:`Network` whose
+    denoiser takes ``w``: the teacher of stage two, :func:`progressive` with ``w_range``."""
+    if student.method != "guidance":
+        raise ValueError(f"guided_network takes the student of guidance(); got one of {student.method!r}.")
+    model = teacher.model.clone(guidance_embedding=True)
+    return dataclasses.replace(teacher, model=model, params=student.params)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import optax
 
-__all__ = ["make_optimizer", "make_schedule", "nonfinite_count", "nonfinite_in_a_row"]
+__all__ = ["make_optimizer", "make_schedule", "nonfinite_count", "nonfinite_in_a_row", "skip_nonfinite", "update_rule"]
 
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine")
@@ -39,6 +39,14 @@ def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
     training loop's decision, which it takes before saving anything.
     ``grad_accum > 1`` accumulates gradients over that many steps (``optax.MultiSteps``).
     """
+    tx = skip_nonfinite(update_rule(config, total_steps))
+    if config.grad_accum > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=int(config.grad_accum))
+    return tx
+
+
+def update_rule(config, total_steps: int) -> optax.GradientTransformation:
+    """:func:`make_optimizer`'s update alone: clipping by global norm, then Adam or AdamW on the schedule."""
     if config.optimizer not in OPTIMIZERS:
         raise ValueError(f"optim.optimizer must be one of {OPTIMIZERS}; got {config.optimizer!r}.")
     schedule = make_schedule(config, total_steps)
@@ -47,10 +55,12 @@ def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
     else:
         base = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay)
     parts = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip > 0 else []
-    tx = optax.apply_if_finite(optax.chain(*parts, base), max_consecutive_errors=_NEVER)
-    if config.grad_accum > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=int(config.grad_accum))
-    return tx
+    return optax.chain(*parts, base)
+
+
+def skip_nonfinite(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` skipping (and counting) every update whose gradients are not finite, never giving up."""
+    return optax.apply_if_finite(tx, max_consecutive_errors=_NEVER)
 
 
 def nonfinite_count(opt_state):

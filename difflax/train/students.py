@@ -12,13 +12,14 @@ from typing import Any
 
 import jax
 import ml_collections
+import optax
 from flax import traverse_util
 
 from difflax import distill
 from difflax.processes import Flow
-from difflax.train.builders import init_params, make_apply, make_denoiser
+from difflax.train.builders import init_params, make_apply, make_denoiser, make_features
 from difflax.train.fit import fit
-from difflax.train.optim import make_optimizer
+from difflax.train.optim import make_optimizer, skip_nonfinite, update_rule
 
 __all__ = [
     "Network",
@@ -80,6 +81,20 @@ class Network:
             sigma_data=getattr(self.process, "sigma_data", None),
         )
 
+    def features(self, params=None, y=None, w=None):
+        """``features(x_t, t)``: the network's bottleneck features (:func:`make_features`) on its own process."""
+        params = self.params if params is None else params
+        return make_features(
+            self.model,
+            params,
+            self.process,
+            self.prediction,
+            y,
+            noise_scale=self.noise_scale,
+            w=w,
+            sigma_data=getattr(self.process, "sigma_data", None),
+        )
+
     def batch_labels(self, batch):
         """The batch's labels if the network is class-conditional, else ``None``."""
         return None if self.num_classes is None else batch["y"]
@@ -104,9 +119,8 @@ class Student:
     history: list
 
 
-def optimizer(learning_rate: float, steps: int, warmup: int = 100, grad_clip: float = 1.0):
-    """Adam with warm-up, constant rate and clipping (the recipes' :func:`make_optimizer`)."""
-    config = ml_collections.ConfigDict(
+def _optim_config(learning_rate: float, steps: int, warmup: int, grad_clip: float) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
         dict(
             optimizer="adam",
             learning_rate=learning_rate,
@@ -121,7 +135,30 @@ def optimizer(learning_rate: float, steps: int, warmup: int = 100, grad_clip: fl
             max_nonfinite=20,
         )
     )
-    return make_optimizer(config, steps)
+
+
+def optimizer(learning_rate: float, steps: int, warmup: int = 100, grad_clip: float = 1.0, generator_every: int = 1):
+    """Adam with warm-up, constant rate and clipping (the recipes' :func:`make_optimizer`).
+
+    ``generator_every > 1`` is a two time-scale update (Heusel et al. 2017; DMD2, Yin et al. 2024b): the
+    parameters under ``"gen"`` are updated only at steps ``generator_every - 1, 2 generator_every - 1, ...``
+    (their own Adam state, warm-up and clipping), the others at every step.
+    """
+    if generator_every < 1:
+        raise ValueError(f"generator_every must be >= 1; got {generator_every}.")
+    if generator_every == 1:
+        return make_optimizer(_optim_config(learning_rate, steps, warmup, grad_clip), steps)
+    generator_steps = max(steps // generator_every, 1)
+    gen = optax.transforms.conditionally_mask(
+        update_rule(_optim_config(learning_rate, generator_steps, warmup, grad_clip), generator_steps),
+        lambda n: n % generator_every == generator_every - 1,
+    )
+    rest = update_rule(_optim_config(learning_rate, steps, warmup, grad_clip), steps)
+
+    def labels(params):
+        return {name: "gen" if name == "gen" else "rest" for name in params}
+
+    return skip_nonfinite(optax.multi_transform({"gen": gen, "rest": rest}, labels))
 
 
 def fit_student(loss_fn, params, batches, steps: int, learning_rate: float, key, desc: str, **kwargs):
