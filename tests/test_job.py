@@ -31,6 +31,7 @@ from difflax.train import (
     TrainingDiverged,
     WorkdirBusy,
     WorkdirLock,
+    shard_batch,
     train_and_evaluate,
 )
 from difflax.train.checkpoint import all_finite
@@ -200,6 +201,13 @@ from difflax.train import Trainer
 state = Trainer(config, "{workdir}").restore_or_init()
 digest = hashlib.sha256(b"".join(np.asarray(leaf).tobytes() for leaf in jax.tree.leaves(state))).hexdigest()
 print("digest", jax.process_index(), int(state.step), digest, flush=True)
+# ... and the next step from it, the two processes each loading their half of the global batch.
+from difflax.train import shard_batch
+trainer = Trainer(config, "{workdir}")
+batch = trainer.dataset.batch(config.seed, int(state.step), config.train.batch_size, jax.process_index(), 2)
+following, _ = trainer._step(state, shard_batch(batch, trainer.mesh))
+if jax.process_index() == 0:
+    np.savez("{workdir}_next.npz", *[np.asarray(leaf) for leaf in jax.tree.leaves(following)])
 jax.distributed.shutdown()
 """
 
@@ -211,7 +219,8 @@ def _digest(state):
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_joint_step(tmp_path):
     """Finding 4: SIGTERM to process 1 of a 2-process job used to hang both. Now both stop at
     the same step, write one checkpoint jointly and exit 0; the checkpoint equals a
-    single-process run to that step, and one process restores it bit for bit as the two do."""
+    single-process run to that step, one process restores it bit for bit as the two do, and its next step
+    on one process is the two processes' next step (same global batch) to float32 rounding."""
     workdir = tmp_path / "multi"
     code = MULTI_SCRIPT.replace("{port}", str(_free_port())).replace("{workdir}", str(workdir))
     procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
@@ -235,6 +244,15 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_joint_step(tmp_path):
     digests = {tuple(line.split()[1:]) for out, _ in outs for line in out.splitlines() if line.startswith("digest")}
     assert {(i, s) for i, s, _ in digests} == {("0", str(step)), ("1", str(step))}
     assert {d for *_, d in digests} == {_digest(multi.restore_or_init())}
+    # ... and the next step on 1 process equals the 2 processes' next step (to float32 rounding: the gradient
+    # is summed over the batch in another order, as for 8 -> 1 devices in tests/test_mesh.py).
+    batch = multi.dataset.batch(config.seed, step, config.train.batch_size)
+    following, _ = multi._step(multi.restore_or_init(), shard_batch(batch, multi.mesh))
+    saved = np.load(f"{workdir}_next.npz")
+    leaves = jax.tree.leaves(following)
+    assert int(following.step) == step + 1 and len(saved.files) == len(leaves)
+    for i, leaf in enumerate(leaves):
+        np.testing.assert_allclose(np.asarray(leaf), saved[f"arr_{i}"], rtol=0, atol=1e-6)
     single, _ = Trainer(config, str(tmp_path / "single")).run(stop_at=step, progress=False)
     for a, b in zip(_params(_restored(multi, step)), _params(single), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
