@@ -8,21 +8,26 @@ teacher is trained in ``--workdir`` (or restored from there), then every method 
 * progressive distillation from ``--pd-start`` DDIM steps down to 4 (and the rounds in between),
 * consistency distillation (Heun teacher, 18 levels, pseudo-Huber, target EMA 0.95) and
   consistency training with the improved recipe (log-normal levels, 1/gap weighting,
-  doubling curriculum, no EMA target), sampled in 1 and 2 steps,
+  doubling curriculum, no EMA target) and easy consistency tuning (ECT: consistency training from the
+  teacher's weights on continuous levels, the gap shrinking over 8 stages), sampled in 1 and 2 steps,
 * reflow on ``--pairs`` teacher couplings, sampled with 1, 2 and 4 Euler steps, with the
   straightness of the teacher's and the student's paths,
-* DMD into a one-step generator (with the L2 regression to teacher pairs),
+* DMD into a one-step generator (with the L2 regression to teacher pairs), and DMD2 (two time-scale
+  update, GAN head on the fake denoiser's features, no regression) at the levels ``--dmd-times``, sampled
+  with 1, 2 and 4 of them,
 * MeanFlow and shortcut models distilled from the teacher's velocity (flow reading), sampled with 1, 2
   and 4 steps of the average velocity,
 * sCM distillation (TrigFlow reading, tangent normalization and warm-up, adaptive weighting), sampled in
   1 and 2 steps,
 * guidance distillation (digits only), compared with the teacher's classifier-free guidance at
-  the same ``w`` and steps (the student makes half the network calls),
+  the same ``w`` and steps (the student makes half the network calls), and its stage two: progressive
+  distillation of the guided student (``w`` drawn per example) from 16 to 4 DDIM steps,
 * Adv-KD (one pass through its stage networks).
 
 Every sampler starts from the same ``--num`` noise draws and balanced labels. Scores: the
 Frechet digits distance (FDD, :mod:`difflax.metrics.digits`) to the held-out digits, or
-the sliced Wasserstein distance to fresh toy data (exact data, many projections). The
+the sliced Wasserstein distance to fresh toy data (exact data, many projections) with the number of
+the grid's 25 modes that hold at least a fifth of their share of samples within 3 standard deviations. The
 table has method, network evaluations (NFE), the distance, its ratio to the teacher at 35
 NFE, the ratio to the teacher's best sampler at the same NFE, and training wall time.
 Writes ``distill_<data>.json`` and ``distill_<data>.png`` (samples) to ``--out``.
@@ -100,6 +105,18 @@ class Scorer:
 
         return float(sliced_wasserstein(jnp.asarray(x), self.fresh, key=jax.random.key(0), num_projections=512))
 
+    def modes(self, x) -> int | None:
+        """Grid modes holding at least a fifth of their share of ``x`` within 3 standard deviations (toy only)."""
+        if self.data == "digits":
+            return None
+        from difflax.data.toy2d import toy_mixture
+
+        grid = toy_mixture("grid")
+        means, std = np.asarray(grid.means), 0.08
+        dist = np.linalg.norm(np.asarray(x, np.float32)[:, None] - means[None], axis=-1)
+        counts = np.bincount(dist.argmin(1)[dist.min(1) < 3 * std], minlength=len(means))
+        return int(np.sum(counts >= 0.2 * len(x) / len(means)))
+
 
 def straightness_of(denoise, process, x_T, steps=64):
     """Mean straightness of the sampler's paths (Euler on a fine uniform grid of the Flow reading)."""
@@ -115,10 +132,13 @@ def main():
     parser.add_argument("--steps", type=int, default=1500, help="training steps per method (PD: per round)")
     parser.add_argument("--pd-start", type=int, default=32)
     parser.add_argument("--pairs", type=int, default=4096)
-    parser.add_argument("--dmd-time", type=float, default=None, help="DMD generator time (default t_max)")
+    parser.add_argument(
+        "--dmd-times", default=None, help="DMD / DMD2 generator levels, comma-separated (default t_max)"
+    )
     parser.add_argument("--dmd-lr", type=float, default=1e-4)
+    parser.add_argument("--scm-p", default="-1.0,1.4", help="sCM log-normal time distribution: P_mean,P_std")
     parser.add_argument("--num", type=int, default=500, help="samples scored per row")
-    parser.add_argument("--methods", default="pd,cd,ct,reflow,dmd,meanflow,shortcut,scd,guidance,advkd")
+    parser.add_argument("--methods", default="pd,cd,ct,ect,reflow,dmd,dmd2,meanflow,shortcut,scd,guidance,advkd")
     parser.add_argument("--workdir", default="workdir/distill")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
@@ -137,10 +157,14 @@ def main():
 
     def record(method, nfe, x, seconds=None, **extra):
         fdd = score(x)
+        modes = score.modes(x)
+        extra = extra if modes is None else {**extra, "modes": modes}
         rows.append({"method": method, "nfe": int(nfe), "distance": fdd, "train_seconds": seconds, **extra})
         images[f"{method} ({nfe})"] = np.asarray(x[:20] if args.data == "digits" else x[:1000])
         print(
-            f"{method:40s} NFE {nfe:3d}  distance {fdd:8.4f}" + (f"  train {seconds:7.1f}s" if seconds else ""),
+            f"{method:40s} NFE {nfe:3d}  distance {fdd:8.4f}"
+            + (f"  train {seconds:7.1f}s" if seconds else "")
+            + ("" if modes is None else f"  modes {modes}/25"),
             flush=True,
         )
 
@@ -172,10 +196,15 @@ def main():
                 distill_from_teacher=False, curriculum="ict", noise="lognormal", weighting="inverse_gap", target_ema=0.0
             ),
         ),
+        ("ect", dict(distill_from_teacher=False, curriculum="ect")),
     ):
         if name in methods:
             student = students.consistency(teacher, data, k(2), steps=args.steps, **kwargs)
-            label = "consistency distillation" if name == "cd" else "consistency training (iCT recipe)"
+            label = {
+                "cd": "consistency distillation",
+                "ct": "consistency training (iCT recipe)",
+                "ect": "easy consistency tuning (ECT)",
+            }[name]
             for n in (1, 2):
                 record(label, n, sample(student, steps=n), student.seconds)
     if "reflow" in methods:
@@ -199,16 +228,26 @@ def main():
                 straightness_teacher=before,
                 straightness_student=after,
             )
+    levels = None if args.dmd_times is None else tuple(float(t) for t in args.dmd_times.split(","))
     if "dmd" in methods:
-        student = students.dmd(teacher, k(4), steps=args.steps, learning_rate=args.dmd_lr, generator_time=args.dmd_time)
+        student = students.dmd(
+            teacher, k(4), steps=args.steps, learning_rate=args.dmd_lr, generator_times=levels and levels[:1]
+        )
         record("DMD", 1, sample(student), student.seconds)
+    if "dmd2" in methods:
+        student = students.dmd2(
+            teacher, data, k(9), steps=args.steps, learning_rate=args.dmd_lr, generator_times=levels
+        )
+        for n in [n for n in (1, 2, 4) if n <= len(levels or (0,))]:
+            record("DMD2", n, sample(student, steps=n), student.seconds)
     for name in ("meanflow", "shortcut"):
         if name in methods:
             student = getattr(students, name)(teacher, data, k(7), steps=args.steps)
             for n in (1, 2, 4):
                 record(name if name == "meanflow" else "shortcut model", n, sample(student, steps=n), student.seconds)
     if "scd" in methods:
-        student = students.scm(teacher, data, k(8), steps=args.steps)
+        p_mean, p_std = (float(v) for v in args.scm_p.split(","))
+        student = students.scm(teacher, data, k(8), steps=args.steps, p_mean=p_mean, p_std=p_std)
         for n in (1, 2):
             record("sCM distillation", n, sample(student, steps=n), student.seconds)
     if "guidance" in methods and teacher.num_classes is not None:
@@ -232,6 +271,11 @@ def main():
                 sample(student, steps=steps, w=w),
                 student.seconds,
             )
+        stage2 = students.progressive(
+            students.guided_network(teacher, student), data, k(10), start_steps=16, end_steps=4,
+            steps_per_round=args.steps, w_range=(0.0, 4.0),
+        )  # fmt: skip
+        record(f"guidance-distilled + progressive w={w}", 4, sample(stage2, w=w), student.seconds + stage2.seconds)
     if "advkd" in methods:  # an unconditional student of the teacher's null-class (unconditional) denoiser
         from difflax.train.advkd import train_advkd
 
