@@ -14,7 +14,8 @@ teacher is trained in ``--workdir`` (or restored from there), then every method 
   straightness of the teacher's and the student's paths,
 * DMD into a one-step generator (with the L2 regression to teacher pairs), and DMD2 (two time-scale
   update, GAN head on the fake denoiser's features, no regression) at the levels ``--dmd-times``, sampled
-  with 1, 2 and 4 of them,
+  with 1, 2 and 4 of them (``--dmd2-gan`` and ``--dmd2-fake-updates`` override the paper's weights and
+  its 5 fake-denoiser steps per generator step),
 * MeanFlow and shortcut models distilled from the teacher's velocity (flow reading), sampled with 1, 2
   and 4 steps of the average velocity,
 * sCM distillation (TrigFlow reading, tangent normalization and warm-up, adaptive weighting), sampled in
@@ -136,6 +137,12 @@ def main():
         "--dmd-times", default=None, help="DMD / DMD2 generator levels, comma-separated (default t_max)"
     )
     parser.add_argument("--dmd-lr", type=float, default=1e-4)
+    parser.add_argument(
+        "--dmd2-gan", default=None, help="DMD2 GAN weights GENERATOR,DISCRIMINATOR (default: the runner's, DMD2's)"
+    )
+    parser.add_argument(
+        "--dmd2-fake-updates", type=int, default=None, help="DMD2 fake-denoiser steps per generator step"
+    )
     parser.add_argument("--scm-p", default="-1.0,1.4", help="sCM log-normal time distribution: P_mean,P_std")
     parser.add_argument("--num", type=int, default=500, help="samples scored per row")
     parser.add_argument("--methods", default="pd,cd,ct,ect,reflow,dmd,dmd2,meanflow,shortcut,scd,guidance,advkd")
@@ -235,8 +242,13 @@ def main():
         )
         record("DMD", 1, sample(student), student.seconds)
     if "dmd2" in methods:
+        dmd2_kwargs = {}
+        if args.dmd2_gan is not None:
+            dmd2_kwargs["gan_weight"], dmd2_kwargs["critic_weight"] = (float(v) for v in args.dmd2_gan.split(","))
+        if args.dmd2_fake_updates is not None:
+            dmd2_kwargs["fake_updates"] = args.dmd2_fake_updates
         student = students.dmd2(
-            teacher, data, k(9), steps=args.steps, learning_rate=args.dmd_lr, generator_times=levels
+            teacher, data, k(9), steps=args.steps, learning_rate=args.dmd_lr, generator_times=levels, **dmd2_kwargs
         )
         for n in [n for n in (1, 2, 4) if n <= len(levels or (0,))]:
             record("DMD2", n, sample(student, steps=n), student.seconds)
